@@ -1,0 +1,287 @@
+"""Engine configuration: frozen dataclasses, resolved and validated once in `EngineConfig.create`.
+
+Nothing below this module reads argv or environment variables; every default lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gllm_engine.loader.model_files import ModelFiles, resolve_model_files
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+}
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+# Default KV-cache budget on the CPU, in GiB (the CPU has no memory profiling pass).
+DEFAULT_CPU_KV_CACHE_GIB = 4.0
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the option and the reason."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model to serve: where its files are, its HF config, dtype and context length."""
+
+    files: ModelFiles
+    hf_config: Any
+    dtype: torch.dtype
+    max_model_len: int
+    load_format: str
+    seed: int
+    skip_tokenizer_init: bool = False
+
+    @property
+    def architecture(self) -> str:
+        archs = getattr(self.hf_config, "architectures", None) or []
+        return archs[0] if archs else ""
+
+    @property
+    def name(self) -> str:
+        return self.files.name
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: block size and how much memory it may take."""
+
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    cpu_kv_cache_gib: float = DEFAULT_CPU_KV_CACHE_GIB
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class ThrottleConfig:
+    """Token-throttling knobs (names and defaults from the gLLM reference implementation)."""
+
+    maxd: int = 512  # decodes per micro-batch at most
+    maxp: int = 8192  # prefill tokens per micro-batch at most
+    minp: int = 32  # prefill tokens per micro-batch at least, while several sequences wait
+    iterp: int = 8  # spread waiting prefill over about this many iterations
+    init_new_token_ratio: float = 0.7  # share of remaining output tokens reserved for running decodes
+    min_new_token_ratio: float = 0.1
+    new_token_ratio_step: float = 0.05  # added after a preemption
+    new_token_ratio_decay: float = 0.002  # subtracted every scheduling step
+
+
+SCHEDULE_METHODS = ("auto", "chunked_prefill", "token_throttling")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits: sequences per step and the per-step token budget."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+    # "chunked_prefill" (every ready decode, prefill fills the budget) or "token_throttling".
+    schedule_method: str = "chunked_prefill"
+    throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Ranks = tensor x pipeline parallel, spread over `nnodes` machines joined at master_addr:port."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    pp_layer_split: tuple[int, ...] | None = None  # layers per stage; None = even split
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # None: a free port (single node only)
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: torch.device
+    enforce_eager: bool = False
+    # Force the pure-torch reference kernels even where Triton kernels exist (debugging aid).
+    use_reference_kernels: bool = False
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: DeviceConfig = field(default_factory=lambda: DeviceConfig(torch.device("cpu")))
+
+    @classmethod
+    def create(
+        cls,
+        model: str | None = None,
+        *,
+        tokenizer: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        gpu_memory_utilization: float = 0.9,
+        num_gpu_blocks_override: int | None = None,
+        cpu_kv_cache_gib: float = DEFAULT_CPU_KV_CACHE_GIB,
+        enable_prefix_caching: bool = True,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        enable_chunked_prefill: bool = True,
+        enforce_eager: bool = False,
+        use_reference_kernels: bool = False,
+        load_format: str = "auto",
+        seed: int = 0,
+        skip_tokenizer_init: bool = False,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        pp_layer_split: list[int] | None = None,
+        schedule_method: str = "auto",
+        throttle: ThrottleConfig | None = None,
+        nnodes: int = 1,
+        node_rank: int = 0,
+        master_addr: str = "127.0.0.1",
+        master_port: int | None = None,
+    ) -> EngineConfig:
+        """Resolve defaults (device, dtype, context length, token budget) and validate every option."""
+        if load_format not in LOAD_FORMATS:
+            raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
+        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                            ("tensor_parallel_size", tensor_parallel_size),
+                            ("pipeline_parallel_size", pipeline_parallel_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if num_gpu_blocks_override is not None and num_gpu_blocks_override < 1:
+            raise ConfigError(f"num_gpu_blocks_override must be >= 1, got {num_gpu_blocks_override}")
+        if cpu_kv_cache_gib <= 0:
+            raise ConfigError(f"cpu_kv_cache_gib must be > 0, got {cpu_kv_cache_gib}")
+        if schedule_method not in SCHEDULE_METHODS:
+            raise ConfigError(f"schedule_method must be one of {', '.join(SCHEDULE_METHODS)}, got {schedule_method!r}")
+        if schedule_method == "auto":
+            schedule_method = "token_throttling" if pipeline_parallel_size > 1 else "chunked_prefill"
+        world = tensor_parallel_size * pipeline_parallel_size
+        if nnodes < 1 or not 0 <= node_rank < nnodes:
+            raise ConfigError(f"node_rank must be in [0, nnodes) = [0, {nnodes}), got {node_rank}")
+        if world % nnodes:
+            raise ConfigError(f"tensor_parallel_size x pipeline_parallel_size ({world}) must be divisible by "
+                              f"nnodes ({nnodes})")
+        if nnodes > 1 and master_port is None:
+            raise ConfigError("master_port is required when nnodes > 1 (every node must use the same one)")
+
+        torch_device = _resolve_device(device)
+        files = resolve_model_files(model, tokenizer=tokenizer, load_format=load_format)
+        hf_config = files.load_hf_config()
+        _check_parallel_fit(hf_config, tensor_parallel_size, pipeline_parallel_size, pp_layer_split)
+        torch_dtype = _resolve_dtype(dtype, hf_config, torch_device)
+
+        derived_len = _derived_max_model_len(hf_config)
+        if max_model_len is None:
+            max_model_len = derived_len
+        elif max_model_len < 1 or max_model_len > derived_len:
+            raise ConfigError(f"max_model_len must be in [1, {derived_len}] for this model "
+                              f"(its max_position_embeddings), got {max_model_len}")
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = 8192 if enable_chunked_prefill else max(max_model_len, 8192)
+        if max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        if not enable_chunked_prefill and max_num_batched_tokens < max_model_len:
+            raise ConfigError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_model_len "
+                              f"({max_model_len}) when chunked prefill is disabled")
+        max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs) if enable_chunked_prefill \
+            else max_num_batched_tokens
+
+        return cls(
+            model=ModelConfig(files=files, hf_config=hf_config, dtype=torch_dtype,
+                              max_model_len=max_model_len, load_format=files.load_format, seed=seed,
+                              skip_tokenizer_init=skip_tokenizer_init),
+            cache=CacheConfig(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
+                              num_gpu_blocks_override=num_gpu_blocks_override,
+                              cpu_kv_cache_gib=cpu_kv_cache_gib,
+                              enable_prefix_caching=enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
+                                      max_num_batched_tokens=max_num_batched_tokens,
+                                      max_model_len=max_model_len,
+                                      enable_chunked_prefill=enable_chunked_prefill,
+                                      schedule_method=schedule_method, throttle=throttle or ThrottleConfig()),
+            parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size,
+                                    tuple(pp_layer_split) if pp_layer_split else None,
+                                    nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                                    master_port=master_port),
+            device=DeviceConfig(torch_device, enforce_eager=enforce_eager,
+                                use_reference_kernels=use_reference_kernels),
+        )
+
+
+def _check_parallel_fit(hf_config: Any, tp: int, pp: int, split: list[int] | None) -> None:
+    """Heads must divide over tensor-parallel ranks and layers over pipeline stages."""
+    heads = getattr(hf_config, "num_attention_heads", tp)
+    if heads % tp:
+        raise ConfigError(f"tensor_parallel_size ({tp}) must divide the model's {heads} attention heads")
+    kv_heads = getattr(hf_config, "num_key_value_heads", heads) or heads
+    if kv_heads % tp and tp % kv_heads:
+        raise ConfigError(f"tensor_parallel_size ({tp}) and the model's {kv_heads} KV heads must divide one another")
+    layers = getattr(hf_config, "num_hidden_layers", pp)
+    if split is not None:
+        if len(split) != pp or sum(split) != layers or min(split) < 1:
+            raise ConfigError(f"pp_layer_split {list(split)} must have {pp} positive entries summing to the "
+                              f"model's {layers} layers")
+    elif layers < pp:
+        raise ConfigError(f"pipeline_parallel_size ({pp}) is larger than the model's {layers} layers")
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for, but no CUDA device is available (try --device cpu)")
+    return dev
+
+
+def _resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            # float32 on the CPU: exact parity with transformers and no slow bf16 matmuls.
+            return torch.float32
+        cfg_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(cfg_dtype, str):
+            cfg_dtype = _DTYPES.get(cfg_dtype)
+        return torch.bfloat16 if cfg_dtype in (None, torch.float32) else cfg_dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype must be one of auto, float32, bfloat16, float16, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _derived_max_model_len(hf_config: Any) -> int:
+    """The model's context length; with sliding-window attention (not implemented), the window."""
+    length = 2048
+    for key in ("max_position_embeddings", "max_sequence_length", "seq_length"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and value > 0:
+            length = value
+            break
+    window = getattr(hf_config, "sliding_window", None)
+    uses_window = getattr(hf_config, "use_sliding_window", hf_config.model_type == "mistral")
+    if uses_window and isinstance(window, int) and 0 < window < length:
+        length = window
+    return length

@@ -1,0 +1,203 @@
+"""The engine loop: schedule -> execute -> update, and the outputs users see."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from gllm_engine.config import EngineConfig
+from gllm_engine.core.detokenizer import decode_new_text, find_stop_string
+from gllm_engine.core.kv_cache import KVCacheManager
+from gllm_engine.core.plan_encoder import PlanEncoder
+from gllm_engine.core.request import Request, Sequence
+from gllm_engine.core.scheduler import Scheduler, SchedulerOutput
+from gllm_engine.core.throttling import ChunkedPrefillPolicy, TokenThrottlePolicy
+from gllm_engine.executor.comm import RankDiedError
+from gllm_engine.executor.executor import make_executor
+from gllm_engine.outputs import CompletionOutput, Logprob, RequestOutput
+from gllm_engine.runner.sampler import SamplerOutput
+from gllm_engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    kv_cache_usage: float
+    num_preemptions: int
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of which were found cached
+
+
+class EngineCore:
+    """Owns the scheduler, the KV-cache bookkeeping and the model runner of a single-rank engine.
+
+    Not thread-safe: one thread drives it.
+    """
+
+    def __init__(self, config: EngineConfig, *, show_progress: bool = True):
+        self.config = config
+        self.tokenizer = None
+        if not config.model.skip_tokenizer_init:
+            self.tokenizer = config.model.files.load_tokenizer()
+        self.eos_token_ids = config.model.files.eos_token_ids(self.tokenizer)
+        self.executor = make_executor(config, show_progress=show_progress)
+        num_blocks = self.executor.num_blocks
+        self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        pp = config.parallel.pipeline_parallel_size
+        policy = (TokenThrottlePolicy(pp, config.scheduler.throttle)
+                  if config.scheduler.schedule_method == "token_throttling" else ChunkedPrefillPolicy())
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, policy)
+        self.encoder = PlanEncoder()
+        self.in_flight: deque[SchedulerOutput] = deque()  # micro-batches submitted, not yet collected
+        self.max_in_flight = pp
+        # A sequence must fit in the whole cache, or preempting everything else would not let it grow.
+        self.max_seq_len = min(config.model.max_model_len, num_blocks * config.cache.block_size)
+        self.requests: dict[str, Request] = {}
+        self._num_prompt_tokens = 0
+        self._num_generation_tokens = 0
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        """Queue a request; ValueError (with the numbers) if it cannot be served."""
+        max_len = self.max_seq_len
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) >= max_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, but this engine's context is "
+                             f"{max_len} tokens and at least one must be left to generate")
+        vocab = self.config.model.hf_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
+        params.eos_token_ids = tuple(self.eos_token_ids)
+        req = Request.create(request_id, prompt_token_ids, params, prompt)
+        for seq in req.seqs:
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self._num_prompt_tokens += len(prompt_token_ids)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[RequestOutput]:
+        """Finish the given requests with finish_reason "abort"; unknown ids are ignored."""
+        outputs = []
+        for rid in request_ids:
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            for seq in req.seqs:
+                self.scheduler.finish(seq, "abort")
+                self.encoder.forget(seq.seq_id)
+            outputs.append(self._output(req))
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; outputs (cumulative) of the requests that advanced or finished.
+
+        Keeps up to pipeline-depth micro-batches in flight, then waits for the oldest.
+        """
+        try:
+            while len(self.in_flight) < self.max_in_flight:
+                plan = self.scheduler.schedule()
+                if plan.is_empty:
+                    break
+                self.in_flight.append(plan)
+                self.executor.submit(self.encoder.encode(plan))
+            if not self.in_flight:
+                return []
+            sampled = self.executor.collect()
+        except RankDiedError:
+            # The engine cannot go on: end every request (blocks back to the pool) and stop the ranks.
+            self.abort_requests(list(self.requests))
+            self.in_flight.clear()
+            self.executor.shutdown()
+            raise
+        plan = self.in_flight.popleft()
+        self.scheduler.update(plan)
+        return self._process(plan, sampled)
+
+    def shutdown(self) -> None:
+        """Stop the ranks (a no-op for a single-rank engine)."""
+        self.executor.shutdown()
+
+    def _process(self, plan: SchedulerOutput, sampled: SamplerOutput) -> list[RequestOutput]:
+        touched: dict[str, Request] = {}
+        row = 0
+        for s in plan.scheduled:
+            if not s.samples:
+                continue
+            seq = s.seq
+            token = sampled.token_ids[row]
+            entry = sampled.logprobs[row] if sampled.logprobs is not None else None
+            row += 1
+            if seq.finished:  # aborted while its micro-batch was in flight
+                continue
+            if entry is not None and seq.logprobs is not None:
+                seq.logprobs.append(self._logprob_entry(token, entry, seq.params.logprobs))
+            seq.token_ids.append(token)
+            self._num_generation_tokens += 1
+            self._check_finished(seq, token)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        outputs = []
+        for req in touched.values():
+            outputs.append(self._output(req))
+            if req.finished:
+                del self.requests[req.request_id]
+                for seq in req.seqs:
+                    self.encoder.forget(seq.seq_id)
+        return outputs
+
+    def _check_finished(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        new_chars = len(decode_new_text(self.tokenizer, seq)) if self.tokenizer is not None else 0
+        past_min = seq.num_output_tokens >= p.min_tokens
+        if past_min and not p.ignore_eos and token in p.eos_token_ids:
+            self.scheduler.finish(seq, "stop")
+        elif past_min and token in p.stop_token_ids:
+            self.scheduler.finish(seq, "stop", token)
+        elif past_min and (stop := find_stop_string(seq, new_chars)) is not None:
+            self.scheduler.finish(seq, "stop", stop)
+        elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            self.scheduler.finish(seq, "length")
+        elif seq.num_tokens >= self.max_seq_len:
+            self.scheduler.finish(seq, "length")
+
+    def _logprob_entry(self, token: int, entry: tuple, top_n: int) -> dict[int, Logprob]:
+        logprob, rank, ids, vals = entry
+        decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer is not None else (lambda t: None)
+        result = {i: Logprob(v, r + 1, decode(i)) for r, (i, v) in enumerate(zip(ids[:top_n], vals[:top_n]))}
+        if token not in result:
+            result[token] = Logprob(logprob, rank, decode(token))
+        return result
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = [CompletionOutput(index=s.index, text=s.text, token_ids=s.output_token_ids,
+                                 finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+                                 logprobs=list(s.logprobs) if s.logprobs is not None else None)
+                for s in req.seqs]
+        return RequestOutput(request_id=req.request_id, prompt=req.prompt,
+                             prompt_token_ids=req.prompt_token_ids,
+                             num_cached_tokens=max(s.num_cached_tokens for s in req.seqs),
+                             finished=req.finished, outputs=outs)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_free_blocks=self.kv_cache.num_free_blocks, num_total_blocks=self.kv_cache.pool.num_blocks,
+            kv_cache_usage=self.kv_cache.usage, num_preemptions=self.scheduler.num_preemptions,
+            num_prompt_tokens=self._num_prompt_tokens, num_generation_tokens=self._num_generation_tokens,
+            prefix_cache_queries=self.kv_cache.num_queries, prefix_cache_hits=self.kv_cache.num_hits)

@@ -1,0 +1,40 @@
+"""Engine side of the step-plan contract: scheduler outputs become delta plans for the ranks."""
+
+from __future__ import annotations
+
+from gllm_engine.core.scheduler import SchedulerOutput
+from gllm_engine.runner.input_batch import SeqDelta, StepPlan
+
+
+class PlanEncoder:
+    """Engine side: turns scheduler outputs into delta plans, remembering what ranks already know."""
+
+    def __init__(self) -> None:
+        self._sent_tokens: dict[int, int] = {}
+        self._sent_blocks: dict[int, list[int]] = {}
+        self._finished: list[int] = []
+
+    def forget(self, seq_id: int) -> None:
+        """The sequence ended; ranks drop it with the next plan."""
+        if self._sent_tokens.pop(seq_id, None) is not None:
+            self._sent_blocks.pop(seq_id, None)
+            self._finished.append(seq_id)
+
+    def encode(self, out: SchedulerOutput) -> StepPlan:
+        deltas = []
+        for s in out.scheduled:
+            seq = s.seq
+            known = self._sent_tokens.get(seq.seq_id)
+            first = known is None
+            upto = seq.num_computed_tokens + s.num_new_tokens
+            new_tokens = seq.token_ids[0 if first else known:upto]
+            blocks = None
+            if first or self._sent_blocks[seq.seq_id] != seq.block_ids:
+                blocks = list(seq.block_ids)
+                self._sent_blocks[seq.seq_id] = blocks
+            self._sent_tokens[seq.seq_id] = max(upto, known or 0)
+            deltas.append(SeqDelta(seq.seq_id, seq.num_computed_tokens, s.num_new_tokens, s.samples, new_tokens,
+                                   blocks, seq.num_prompt_tokens if first else 0, seq.params if first else None))
+        plan = StepPlan(deltas, out.num_decodes, self._finished)
+        self._finished = []
+        return plan

@@ -1,0 +1,401 @@
+"""Paged attention in Triton: KV-cache writes, prefill (FlashAttention-style) and decode (GQA-grouped, split-K).
+
+Torch references with the same signatures and semantics: `gllm_engine.kernels.reference`. The cache
+of one layer is two `[NB, BS, Hkv, D]` tensors; context token p of request b lives in block
+`block_tables[b, p // BS]`, row `p % BS`. The kernels look up the block of every token they load, so
+any block size works, and they never load a cache row at or past `seq_lens[b]`.
+
+Nothing here reads a device tensor on the host: the decode path can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+# ---------------------------------------------------------------------------------------------------
+# Tuning. Starting points, not yet timed on a GPU (benchmarks/kernels_check.py will): usual FlashAttention
+# tile shapes, checked by compiling for sm_90 with Triton 3.6 and 3.9 to use at most ~100 KiB of shared
+# memory (of 227) and to spill no registers in ptxas (prefill D=256 spilled with 4 warps: 8 it is).
+# float32, a testing dtype, gets smaller tiles so a K and a V tile per pipeline stage still fit.
+
+
+class PrefillTiles(NamedTuple):
+    block_m: int  # queries per program
+    block_n: int  # context tokens per inner step
+    num_warps: int
+    num_stages: int
+
+
+class DecodeTiles(NamedTuple):
+    block_n: int  # context tokens per inner step
+    num_warps: int
+    num_stages: int
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillTiles:
+    """Tile sizes of the prefill kernel for one head size and dtype."""
+    wide = dtype == torch.float32
+    if head_dim <= 128:
+        return PrefillTiles(64, 32, 4, 2) if wide else PrefillTiles(128, 64, 8, 3)
+    return PrefillTiles(32, 32, 4, 1) if wide else PrefillTiles(64, 32, 8, 2)
+
+
+def decode_config(head_dim: int, dtype: torch.dtype) -> DecodeTiles:
+    """Tile sizes of the decode kernel for one head size and dtype."""
+    wide = dtype == torch.float32
+    if head_dim <= 128:
+        return DecodeTiles(32, 4, 2) if wide else DecodeTiles(64, 4, 3)
+    return DecodeTiles(16, 4, 2) if wide else DecodeTiles(32, 4, 2)
+
+
+WRITE_KV_NUM_WARPS = 4
+SPLIT_REDUCE_NUM_WARPS = 4
+
+# Split-K decode: with fewer (request, KV head) programs than SMs, each request's context is cut into
+# segments processed in parallel, then merged by a reduce kernel.
+DECODE_SPLIT_MIN_TOKENS = 256  # a segment streams at least this many context tokens
+DECODE_MAX_SPLITS = 16
+DEFAULT_NUM_SMS = 132  # an H100 SXM; used where the device cannot be asked (the interpreter on CPU)
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    """How many segments to split each decode context into (1: no split-K).
+
+    Split only while the `batch * num_kv_heads` programs leave SMs idle, into at most enough segments
+    to cover every SM once, each at least `DECODE_SPLIT_MIN_TOKENS` long.
+    """
+    programs = batch * num_kv_heads
+    if programs >= num_sms:
+        return 1
+    return max(1, min(DECODE_MAX_SPLITS, -(-num_sms // programs), max_context // DECODE_SPLIT_MIN_TOKENS))
+
+
+@functools.cache
+def _device_num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    return _device_num_sms(device.index) if device.type == "cuda" else DEFAULT_NUM_SMS
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    """The constexprs that pick how `tl.dot` multiplies: UPCAST_DOT and DOT_PRECISION.
+
+    float32 stays exact ("ieee", not tf32). Triton's interpreter multiplies the raw bit patterns of
+    bfloat16 operands in `tl.dot` (its docs: cast bfloat16 to float32 first), so there the 16-bit
+    operands are widened to float32, which gives the same products and float32 sums.
+    """
+    upcast = _INTERPRETED and dtype != torch.float32
+    return {"UPCAST_DOT": upcast, "DOT_PRECISION": "ieee" if upcast or dtype == torch.float32 else "tf32"}
+
+
+_LOG2E = 1.4426950408889634
+
+# ---------------------------------------------------------------------------------------------------
+# KV-cache write
+
+
+@triton.jit
+def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_cb, stride_ct, stride_ch, stride_vcb, stride_vct, stride_vch,
+                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:  # a padded token
+        return
+    page, row = slot // PAGE_SIZE, slot % PAGE_SIZE
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    mask = (h < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]  # [BLOCK_H, BLOCK_D]
+    k = tl.load(key_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
+    v = tl.load(value_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+    tl.store(k_cache_ptr + page * stride_cb + row * stride_ct + h[:, None] * stride_ch + d[None, :], k, mask=mask)
+    tl.store(v_cache_ptr + page * stride_vcb + row * stride_vct + h[:, None] * stride_vch + d[None, :], v,
+             mask=mask)
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Store `key`/`value` `[T, Hkv, D]` at flat slots `slot_mapping` `[T]` (negative slots are skipped)."""
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    assert key.stride(-1) == value.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1
+    _write_kv_kernel[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=WRITE_KV_NUM_WARPS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared inner step: one tile of context tokens against a tile of queries, online softmax in base 2.
+
+
+@triton.jit
+def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_off_k, kv_head_off_v,
+                 stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, n_start, n_end, q_pos,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PAGE_SIZE: tl.constexpr, MASK_TOKENS: tl.constexpr, CAUSAL: tl.constexpr,
+                 UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold context tokens `[n_start, n_start + BLOCK_N)` (those `< n_end`) into (acc, m_i, l_i).
+
+    Without MASK_TOKENS every token of the tile is known valid. With CAUSAL, query row i only sees
+    tokens at positions `<= q_pos[i]`.
+    """
+    n = n_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    if MASK_TOKENS:
+        n_mask = n < n_end
+        page = tl.load(table_ptr + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+    else:
+        page = tl.load(table_ptr + n // PAGE_SIZE).to(tl.int64)
+        kv_mask = d_mask[None, :]
+    row = (n % PAGE_SIZE).to(tl.int64)
+    k = tl.load(k_cache_ptr + (page * stride_kb + row * stride_kt + kv_head_off_k)[:, None] + d[None, :],
+                mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    if UPCAST_DOT:
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, BLOCK_N]
+    if MASK_TOKENS:
+        visible = n_mask[None, :]
+        if CAUSAL:
+            visible = visible & (n[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_cache_ptr + (page * stride_vb + row * stride_vt + kv_head_off_v)[:, None] + d[None, :],
+                mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    p = p.to(v_cache_ptr.dtype.element_ty)  # the probabilities enter the second product in the cache dtype
+    if UPCAST_DOT:
+        v = v.to(tl.float32)
+        p = p.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prefill: grid (Hq, query tiles, requests); every query tile reads its whole causal context from the
+# paged cache, so chunked prefill and prefix-cache hits need nothing special.
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
+                    out_ptr, qk_scale,
+                    stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    head = tl.program_id(0)
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)  # longest (last) tiles of each request start first
+    req = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + req)
+    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    if tile * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    ctx_len = seq_len - q_len  # tokens cached before this step's queries
+    kv_head = head // GROUP
+
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] query index within the request
+    d = tl.arange(0, BLOCK_D)
+    io_mask = (rows < q_len)[:, None] & (d < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :],
+                mask=io_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    q_pos = ctx_len + rows
+
+    table_ptr = block_tables_ptr + req.to(tl.int64) * stride_table
+    off_k = kv_head * stride_kh
+    off_v = kv_head * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Tokens before the tile's first query position are visible to every row: no masks there.
+    full_end = (ctx_len + tile * BLOCK_M) // BLOCK_N * BLOCK_N
+    causal_end = tl.minimum(seq_len, ctx_len + (tile + 1) * BLOCK_M)
+    for n_start in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, off_k, off_v,
+                                     stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, n_start, causal_end,
+                                     q_pos, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, False, False, UPCAST_DOT,
+                                     DOT_PRECISION)
+    for n_start in range(full_end, causal_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, off_k, off_v,
+                                     stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, n_start, causal_end,
+                                     q_pos, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, True, UPCAST_DOT,
+                                     DOT_PRECISION)
+    acc = acc / l_i[:, None]
+    tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+def _check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
+    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the KV cache must share a dtype"
+    assert q.shape[-1] == k_cache.shape[-1] and q.shape[1] % k_cache.shape[2] == 0
+    assert out.shape == q.shape
+    assert q.stride(-1) == out.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                            seq_lens: torch.Tensor, max_query_len: int, scale: float,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of each request's new queries `[T, Hq, D]` over its whole cached context.
+
+    Request b's queries are `q[query_start_loc[b]:query_start_loc[b+1]]`; its j-th query sits at
+    position `seq_lens[b] - q_b + j` and sees cache positions up to and including it.
+    `max_query_len` (at least the longest q_b) sizes the grid.
+    """
+    out = torch.empty_like(q) if out is None else out
+    _check_attention_args(q, k_cache, v_cache, out)
+    num_reqs = seq_lens.shape[0]
+    if num_reqs == 0 or max_query_len == 0 or q.shape[0] == 0:
+        return out
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    tiles = prefill_config(head_dim, q.dtype)
+    grid = (num_heads, triton.cdiv(max_query_len, tiles.block_m), num_reqs)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        GROUP=num_heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, PAGE_SIZE=k_cache.shape[1],
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **_dot_args(q.dtype))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decode: grid (requests, KV heads, segments). One program holds all GROUP query heads of its KV head,
+# so each KV tile is loaded once for the whole group. With several segments, each writes its partial
+# output and log-sum-exp and `_split_reduce_kernel` merges them.
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
+                   part_out_ptr, part_lse_ptr, qk_scale, num_splits,
+                   stride_qb, stride_qh, stride_ob, stride_oh,
+                   stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
+                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
+                   UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + req)
+    if SPLIT:
+        per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        n_begin = split * per_split
+        n_end = tl.minimum(n_begin + per_split, seq_len)
+    else:
+        n_begin = 0
+        n_end = seq_len
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + g  # [BLOCK_G] query heads of this KV head
+    io_mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + req * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=io_mask, other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+
+    table_ptr = block_tables_ptr + req.to(tl.int64) * stride_table
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n_start in range(n_begin, n_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr,
+                                     kv_head * stride_kh, kv_head * stride_vh, stride_kb, stride_kt, stride_vb,
+                                     stride_vt, qk_scale, n_start, n_end, 0, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                     PAGE_SIZE, True, False, UPCAST_DOT, DOT_PRECISION)
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty segment (or context) leaves zeros
+    if SPLIT:
+        part = (req * tl.num_programs(1) * GROUP + heads) * num_splits + split  # [BLOCK_G] row of [B, Hq, S]
+        tl.store(part_lse_ptr + part, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), mask=g < GROUP)  # -inf if empty
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=io_mask)
+    else:
+        tl.store(out_ptr + req * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _split_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_mask = s < num_splits
+    row = (req * tl.num_programs(1) + head) * num_splits + s  # [BLOCK_S]
+    lse = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"))  # base-2 log-sum-exp per segment
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    w = tl.exp2(lse - lse_max)  # [BLOCK_S]; empty segments weigh 0
+    part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                   mask=s_mask[:, None] & (d < HEAD_DIM)[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+    total = tl.sum(w, 0)
+    o = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + req * stride_ob + head * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+# Decided when Triton decorated the kernels (TRITON_INTERPRET=1 at import runs them on the CPU).
+_INTERPRETED = isinstance(_decode_kernel, InterpretedFunction)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query per request `[B, Hq, D]` over its `seq_lens[b]` cached tokens.
+
+    Split-K is chosen by `decode_num_splits` from the batch size, the SM count and the block-table
+    width (an upper bound on the context read without a device sync).
+    """
+    out = torch.empty_like(q) if out is None else out
+    _check_attention_args(q, k_cache, v_cache, out)
+    batch, num_heads, head_dim = q.shape
+    if batch == 0:
+        return out
+    num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    tiles = decode_config(head_dim, q.dtype)
+    num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * page_size, _num_sms(q.device))
+    split = num_splits > 1
+    if split:
+        part_out = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused
+    block_d = triton.next_power_of_2(head_dim)
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, scale * _LOG2E, num_splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_N=tiles.block_n, PAGE_SIZE=page_size, SPLIT=split, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages, **_dot_args(q.dtype))
+    if split:
+        _split_reduce_kernel[(batch, num_heads)](
+            part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=SPLIT_REDUCE_NUM_WARPS)
+    return out
+

@@ -1,0 +1,126 @@
+"""Pure-torch references for the Triton kernels in this package.
+
+They run on any device and are the CPU path of the engine. Shapes use T = tokens in the step,
+B = requests, Hq/Hkv = query/KV heads, D = head size, NB = cache blocks, BS = block size.
+The KV cache of one layer is two tensors `[NB, BS, Hkv, D]`; a token at position p of a request
+lives in block `block_table[p // BS]`, row `p % BS`, i.e. flat slot `block * BS + p % BS`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Store `key`/`value` `[T, Hkv, D]` at flat slots `slot_mapping` `[T]` (negative slots are skipped)."""
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first `seq_len` cached tokens of one request, `[seq_len, Hkv, D]`."""
+    block_size = cache.shape[1]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:seq_len]
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                            seq_lens: torch.Tensor, max_query_len: int, scale: float,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of each request's new queries over its whole cached context.
+
+    q: `[T, Hq, D]`, requests packed by `query_start_loc` `[B+1]`. Request b has q_b queries and
+    `seq_lens[b]` tokens in the cache (its new tokens already written); its j-th query sits at
+    position `seq_lens[b] - q_b + j` and sees cache positions up to and including it.
+    """
+    del max_query_len  # only the kernels need it to size their grid
+    out = torch.empty_like(q) if out is None else out
+    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    for b, seq_len in enumerate(lens):
+        q_start, q_end = starts[b], starts[b + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        k = _gather_context(k_cache, block_tables[b], seq_len)  # [S, Hkv, D]
+        v = _gather_context(v_cache, block_tables[b], seq_len)
+        if num_heads != num_kv_heads:
+            k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
+            v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos  # [q_len, S]
+        o = F.scaled_dot_product_attention(
+            q[q_start:q_end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+            attn_mask=mask, scale=scale)  # [Hq, q_len, D]
+        out[q_start:q_end] = o.transpose(0, 1)
+    return out
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query per request `[B, Hq, D]` over its `seq_lens[b]` cached tokens.
+
+    Batched: contexts are gathered into a padded `[B, S_max, Hkv, D]` tensor and masked.
+    """
+    out = torch.empty_like(q) if out is None else out
+    batch, num_heads, head_dim = q.shape
+    if batch == 0:
+        return out
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    max_len = int(seq_lens.max())
+    max_blocks = (max_len + block_size - 1) // block_size
+    table = block_tables[:, :max_blocks].long()
+    k = k_cache[table].flatten(1, 2)[:, :max_len]  # [B, S, Hkv, D]
+    v = v_cache[table].flatten(1, 2)[:, :max_len]
+    group = num_heads // num_kv_heads
+    qg = q.view(batch, num_kv_heads, group, head_dim).float()
+    scores = torch.einsum("bhgd,bshd->bhgs", qg, k.float()) * scale
+    valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None].to(q.device)
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    # Rows past a request's seq_len are stale or never written (maybe NaN): 0 * NaN would leak in.
+    v = v.float().masked_fill(~valid[:, :, None, None], 0.0)
+    o = torch.einsum("bhgs,bshd->bhgd", probs, v)
+    out.copy_(o.reshape(batch, num_heads, head_dim).to(out.dtype))
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm in float32 as transformers computes it; with `residual`, add it first and return the sum too."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype), residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """`silu(x[..., :d]) * x[..., d:]` for `x` of last dimension 2d."""
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary embedding (rotate halves) on q `[T, Hq, D]` and k `[T, Hkv, D]`.
+
+    `cos_sin_cache` is `[max_pos, D]`: cos in the first D/2 columns, sin in the last D/2.
+    """
+    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # [T, D/2] each
+    cos, sin = cos[:, None, :], sin[:, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)

@@ -1,0 +1,55 @@
+"""The kernel set a model runs with: Triton kernels on CUDA, their pure-torch references elsewhere.
+
+Chosen once per engine and handed to every layer at construction, so no layer decides on its own
+and a debugging run can force the references on the GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from gllm_engine.kernels import reference
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """Callables with the signatures of `gllm_engine.kernels.reference`."""
+
+    name: str
+    write_kv_cache: Callable
+    paged_prefill_attention: Callable
+    paged_decode_attention: Callable
+    rms_norm: Callable
+    silu_and_mul: Callable
+    apply_rotary: Callable
+
+
+REFERENCE_OPS = KernelOps(
+    name="torch",
+    write_kv_cache=reference.write_kv_cache,
+    paged_prefill_attention=reference.paged_prefill_attention,
+    paged_decode_attention=reference.paged_decode_attention,
+    rms_norm=reference.rms_norm,
+    silu_and_mul=reference.silu_and_mul,
+    apply_rotary=reference.apply_rotary,
+)
+
+
+def select_ops(device: torch.device, use_reference_kernels: bool = False) -> KernelOps:
+    """Triton kernels on CUDA unless references are forced; references on every other device."""
+    if device.type != "cuda" or use_reference_kernels:
+        return REFERENCE_OPS
+    from gllm_engine.kernels import activation, attention, norm, rotary
+
+    return KernelOps(
+        name="triton",
+        write_kv_cache=attention.write_kv_cache,
+        paged_prefill_attention=attention.paged_prefill_attention,
+        paged_decode_attention=attention.paged_decode_attention,
+        rms_norm=norm.rms_norm,
+        silu_and_mul=activation.silu_and_mul,
+        apply_rotary=rotary.apply_rotary,
+    )

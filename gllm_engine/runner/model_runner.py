@@ -1,0 +1,238 @@
+"""Turns a step plan into tensors, runs this rank's part of the model and samples.
+
+Owns the model (or its pipeline stage / tensor shard), the KV-cache tensors, the mirror of
+sequence state and the sampling generators of one rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gllm_engine.config import EngineConfig
+from gllm_engine.layers.attention import AttentionMetadata
+from gllm_engine.layers.ops import select_ops
+from gllm_engine.layers.parallel import SINGLE, WHOLE_MODEL, PPStage, TPLayout
+from gllm_engine.loader.weights import load_model_weights
+from gllm_engine.models.registry import get_model_class
+from gllm_engine.runner.cuda_graph import DecodeGraphs
+from gllm_engine.runner.input_batch import InputBatch, SeqState, StepPlan
+from gllm_engine.runner.sampler import SamplerOutput, SamplingBatch, sample
+
+logger = logging.getLogger(__name__)
+
+Intermediate = tuple[torch.Tensor, torch.Tensor]  # (hidden, residual), each [T, H], between pipeline stages
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """Where this rank sits: its device, tensor-parallel group and pipeline stage."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tp: TPLayout = SINGLE
+    stage: PPStage = WHOLE_MODEL
+
+    @property
+    def samples(self) -> bool:
+        """Only the first tensor-parallel rank of the last stage samples tokens."""
+        return self.stage.is_last and self.tp.rank == 0
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, layout: RankLayout | None = None, *, show_progress: bool = True):
+        self.config = config
+        self.layout = layout or RankLayout(device=config.device.device)
+        self.device = self.layout.device
+        self.dtype = config.model.dtype
+        self.block_size = config.cache.block_size
+        self.pin_memory = self.device.type == "cuda"
+        hf = config.model.hf_config
+        self.ops = select_ops(self.device, config.device.use_reference_kernels)
+        model_cls = get_model_class(config.model.architecture)
+        torch.manual_seed(config.model.seed)
+        with torch.device(self.device), _default_dtype(self.dtype):
+            self.model = model_cls(hf, max_positions=config.model.max_model_len, ops=self.ops,
+                                   tp=self.layout.tp, stage=self.layout.stage,
+                                   architecture=config.model.architecture)
+        self.model.eval()
+        start = time.perf_counter()
+        load_model_weights(self.model, config.model.files, dummy_seed=config.model.seed,
+                           show_progress=show_progress)
+        logger.info("loaded %s in %.1f s", config.model.name, time.perf_counter() - start)
+        self.vocab_size = hf.vocab_size
+        self.hidden_size = hf.hidden_size
+        self.input_batch = InputBatch()
+        self.generators: dict[int, torch.Generator] = {}
+        self.graphs: DecodeGraphs | None = None
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        """Allocate `num_blocks` KV blocks for every local layer, then capture CUDA graphs if enabled."""
+        self._allocate_kv_cache(num_blocks)
+        use_graphs = (self.device.type == "cuda" and not self.config.device.enforce_eager
+                      and self.layout.stage.size == 1)
+        if use_graphs:
+            max_blocks = -(-self.config.model.max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(self.model, self.config.scheduler.max_num_seqs, max_blocks, self.device)
+            self.graphs.capture()
+
+    # ---- KV cache -------------------------------------------------------------------------------
+    def _block_bytes(self) -> int:
+        layers = self.model.attention_layers()
+        attn = layers[0]
+        per_token = 2 * attn.num_kv_heads * attn.head_dim * self.dtype.itemsize
+        return per_token * self.block_size * len(layers)
+
+    def available_num_blocks(self) -> int:
+        """How many KV blocks this rank can hold: the override, the GPU's profiled room, or the CPU budget."""
+        cache = self.config.cache
+        if cache.num_gpu_blocks_override is not None:
+            return cache.num_gpu_blocks_override
+        if self.device.type == "cuda":
+            return self._profile_num_gpu_blocks()
+        num_blocks = int(cache.cpu_kv_cache_gib * 2**30) // self._block_bytes()
+        # No need for more than every running sequence at full length.
+        sched = self.config.scheduler
+        per_seq = -(-sched.max_model_len // self.block_size)
+        return min(num_blocks, per_seq * sched.max_num_seqs)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise RuntimeError("no memory is left for the KV cache; lower max_num_batched_tokens or raise "
+                               "gpu_memory_utilization")
+        for attn in self.model.attention_layers():
+            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)  # [NB, BS, Hkv, D]
+            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
+                    num_blocks * self._block_bytes() / 2**30)
+
+    @torch.inference_mode()
+    def _profile_num_gpu_blocks(self) -> int:
+        """Run the largest step once without a cache and give what memory is left to KV blocks."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = self.config.scheduler.max_num_batched_tokens
+        num_seqs = min(self.config.scheduler.max_num_seqs, num_tokens)
+        num_blocks = -(-num_tokens // self.block_size)
+        for attn in self.model.attention_layers():
+            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        positions = torch.arange(num_tokens, device=self.device) % self.config.model.max_model_len
+        intermediate = None
+        if not self.layout.stage.is_first:
+            zeros = torch.zeros(num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
+            intermediate = (zeros, zeros.clone())
+        meta = _single_sequence_metadata(num_tokens, num_blocks, self.device)
+        hidden = self.model(ids, positions, meta, intermediate)
+        if self.layout.stage.is_last:
+            self.model.compute_logits(hidden[:num_seqs])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        free_now, _ = torch.cuda.mem_get_info(self.device)
+        # Memory others hold on this device (other processes, the CUDA context) counts against us too.
+        used_outside = total - free_now - torch.cuda.memory_reserved(self.device)
+        budget = total * self.config.cache.gpu_memory_utilization - peak - used_outside
+        for attn in self.model.attention_layers():
+            attn.k_cache = attn.v_cache = torch.empty(0)
+        torch.cuda.empty_cache()
+        return int(budget // self._block_bytes())
+
+    # ---- one step -------------------------------------------------------------------------------
+    def _tensor(self, array: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.as_tensor(np.asarray(array), dtype=dtype)
+        if self.pin_memory:
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
+    def prepare_inputs(self, plan: StepPlan, states: list[SeqState]
+                       ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Input ids, positions, attention metadata and the indices of the tokens whose logits are sampled."""
+        bs = self.block_size
+        n = len(states)
+        starts = np.fromiter((d.num_computed_tokens for d in plan.seqs), dtype=np.int64, count=n)
+        q_lens = np.fromiter((d.num_new_tokens for d in plan.seqs), dtype=np.int64, count=n)
+        tables = np.zeros((n, max(len(st.block_ids) for st in states)), dtype=np.int32)
+        ids: list[int] = []
+        for row, (d, st) in enumerate(zip(plan.seqs, states)):
+            tables[row, : len(st.block_array)] = st.block_array
+            ids.extend(st.token_ids[d.num_computed_tokens:d.num_computed_tokens + d.num_new_tokens])
+        ends = np.cumsum(q_lens)
+        # Per token: its row, then its position in the sequence and its cache slot.
+        rows = np.repeat(np.arange(n), q_lens)
+        pos = np.arange(int(ends[-1])) - np.repeat(ends - q_lens - starts, q_lens)
+        slots = tables[rows, pos // bs].astype(np.int64) * bs + pos % bs
+        seq_lens = starts + q_lens
+        logits_idx = [int(e) - 1 for e, d in zip(ends, plan.seqs) if d.samples]
+        cu = np.zeros(n + 1, dtype=np.int32)
+        cu[1:] = ends
+        nd = plan.num_decodes
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots, torch.int64),
+            query_start_loc=self._tensor(cu, torch.int32),
+            seq_lens=self._tensor(seq_lens, torch.int32),
+            block_tables=self._tensor(tables, torch.int32),
+            num_decodes=nd,
+            max_query_len=int(q_lens.max()),
+            prefill_query_start_loc=self._tensor(cu[nd:] - cu[nd], torch.int32) if nd < n else None,
+        )
+        return (self._tensor(ids, torch.int64), self._tensor(pos, torch.int64), meta,
+                self._tensor(logits_idx, torch.int64))
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, intermediate: Intermediate | None = None
+                ) -> SamplerOutput | Intermediate | None:
+        """Run this rank's part of one step.
+
+        Returns what the next pipeline stage needs on a non-last stage; on the last stage the
+        sampled tokens (one per sequence whose chunk `samples`) on the sampling rank, None elsewhere.
+        """
+        for seq_id in plan.finished_seq_ids:
+            self.generators.pop(seq_id, None)
+        states = self.input_batch.apply(plan)
+        input_ids, positions, meta, logits_idx = self.prepare_inputs(plan, states)
+        if self.graphs is not None and self.graphs.can_run(meta.num_decodes, meta.seq_lens.shape[0],
+                                                           meta.block_tables.shape[1]):
+            hidden = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, meta, intermediate)
+        if not self.layout.stage.is_last:
+            return hidden
+        if logits_idx.numel() == 0:
+            return SamplerOutput([]) if self.layout.samples else None
+        logits = self.model.compute_logits(hidden[logits_idx])  # every TP rank joins the gather
+        if not self.layout.samples:
+            return None
+        sampled = [st for d, st in zip(plan.seqs, states) if d.samples]
+        batch = SamplingBatch.build(sampled, self.device, self.vocab_size, self.generators)
+        return sample(logits, batch)
+
+
+def _single_sequence_metadata(num_tokens: int, num_blocks: int, device: torch.device) -> AttentionMetadata:
+    """One sequence of `num_tokens` new tokens in blocks 0..num_blocks-1 (memory profiling)."""
+    cu = torch.tensor([0, num_tokens], dtype=torch.int32, device=device)
+    return AttentionMetadata(
+        slot_mapping=torch.arange(num_tokens, dtype=torch.int64, device=device),
+        query_start_loc=cu,
+        seq_lens=cu[1:].clone(),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None, :],
+        num_decodes=0, max_query_len=num_tokens, prefill_query_start_loc=cu,
+    )
+
+
+class _default_dtype:
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __enter__(self) -> None:
+        self.previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_default_dtype(self.previous)

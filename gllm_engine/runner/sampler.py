@@ -1,0 +1,150 @@
+"""Token sampling on the device: penalties, temperature, top-k/top-p/min-p, seeds and logprobs.
+
+Random sampling uses the exponential race (argmax of p / E, E ~ Exp(1)), which draws one vector
+per row, so a seeded request's draws depend only on its own generator, never on its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gllm_engine.runner.input_batch import SeqState
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling settings of the sequences sampled in a step."""
+
+    temperature: torch.Tensor  # [N] float32, 1.0 on greedy rows
+    greedy: torch.Tensor  # [N] bool
+    all_greedy: bool
+    top_k: torch.Tensor | None  # [N] int64, vocab size where disabled
+    top_p: torch.Tensor | None  # [N] float32
+    min_p: torch.Tensor | None  # [N] float32
+    generators: dict[int, torch.Generator]  # row -> seeded generator
+    banned: list[tuple[int, list[int]]]  # rows below min_tokens: token ids they may not sample yet
+    penalty_rows: list[int]
+    penalty_seqs: list[SeqState]
+    max_logprobs: int | None  # largest top-N any row asked for
+
+    @classmethod
+    def build(cls, seqs: list[SeqState], device: torch.device, vocab_size: int,
+              generators: dict[int, torch.Generator]) -> SamplingBatch:
+        """`generators` maps seq_id to that sequence's seeded generator (created on first use)."""
+        params = [s.params for s in seqs]
+        greedy = [p.greedy for p in params]
+        rows_gen = {}
+        for row, seq in enumerate(seqs):
+            if seq.params.seed is not None and not greedy[row]:
+                gen = generators.get(seq.seq_id)
+                if gen is None:
+                    gen = generators[seq.seq_id] = torch.Generator(device=device).manual_seed(seq.params.seed)
+                rows_gen[row] = gen
+        banned = []
+        for row, seq in enumerate(seqs):
+            p = seq.params
+            if seq.num_output_tokens < p.min_tokens:
+                ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(p.eos_token_ids))
+                if ids:
+                    banned.append((row, ids))
+        penalty_rows = [row for row, p in enumerate(params) if p.has_penalties]
+
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        any_top_k = any(p.top_k > 0 for p in params)
+        any_top_p = any(p.top_p < 1.0 for p in params)
+        any_min_p = any(p.min_p > 0.0 for p in params)
+        wants = [p.logprobs for p in params if p.logprobs is not None]
+        return cls(
+            temperature=tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32),
+            greedy=tensor(greedy, torch.bool),
+            all_greedy=all(greedy),
+            top_k=tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64)
+            if any_top_k else None,
+            top_p=tensor([p.top_p for p in params], torch.float32) if any_top_p else None,
+            min_p=tensor([p.min_p for p in params], torch.float32) if any_min_p else None,
+            generators=rows_gen,
+            banned=banned,
+            penalty_rows=penalty_rows,
+            penalty_seqs=[seqs[r] for r in penalty_rows],
+            max_logprobs=max(wants) if wants else None,
+        )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # Per row: (sampled token logprob, its rank, top-N ids, top-N logprobs), when logprobs were asked for.
+    logprobs: list[tuple[float, int, list[int], list[float]]] | None = None
+
+
+def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
+    vocab = logits.shape[-1]
+    for row, seq in zip(batch.penalty_rows, batch.penalty_seqs):
+        p = seq.params
+        out_ids = torch.tensor(seq.output_token_ids, dtype=torch.int64, device=logits.device)
+        counts = torch.zeros(vocab, dtype=logits.dtype, device=logits.device)
+        counts.scatter_add_(0, out_ids, torch.ones_like(out_ids, dtype=logits.dtype))
+        row_logits = logits[row]
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+            seen[torch.tensor(seq.token_ids, dtype=torch.int64, device=logits.device)] = True
+            penalized = torch.where(row_logits > 0, row_logits / p.repetition_penalty,
+                                    row_logits * p.repetition_penalty)
+            row_logits = torch.where(seen, penalized, row_logits)
+        row_logits = row_logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(counts)
+        logits[row] = row_logits
+
+
+def _filter(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Mask (to -inf) tokens outside top-k / top-p / min-p; logits are already temperature-scaled."""
+    if batch.min_p is not None:
+        probs = logits.softmax(dim=-1)
+        threshold = probs.amax(dim=-1, keepdim=True) * batch.min_p[:, None]
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    if batch.top_k is None and batch.top_p is None:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    mask = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if batch.top_k is not None:
+        ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+        mask |= ranks >= batch.top_k[:, None]
+        sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
+    if batch.top_p is not None:
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
+        mask |= before > batch.top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """Sample one token per row of `logits` `[N, V]` (float32)."""
+    raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs is not None else None
+    for row, ids in batch.banned:
+        logits[row, ids] = float("-inf")
+    if batch.penalty_rows:
+        _apply_penalties(logits, batch)
+
+    if batch.all_greedy:
+        tokens = logits.argmax(dim=-1)
+    else:
+        scaled = _filter(logits / batch.temperature[:, None], batch)
+        probs = scaled.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_()
+        for row, gen in batch.generators.items():
+            noise[row].exponential_(generator=gen)
+        sampled = (probs / noise).argmax(dim=-1)
+        tokens = torch.where(batch.greedy, logits.argmax(dim=-1), sampled)
+
+    if raw_logprobs is None:
+        return SamplerOutput(tokens.tolist())
+    top_vals, top_ids = raw_logprobs.topk(max(batch.max_logprobs, 1), dim=-1)
+    chosen = raw_logprobs.gather(-1, tokens[:, None])  # [N, 1]
+    ranks = (raw_logprobs > chosen).sum(dim=-1) + 1
+    token_list = tokens.tolist()
+    rows = zip(chosen[:, 0].tolist(), ranks.tolist(), top_ids.tolist(), top_vals.tolist())
+    return SamplerOutput(token_list, [(lp, rank, ids, vals) for lp, rank, ids, vals in rows])

@@ -1,0 +1,132 @@
+"""Paged attention kernels vs the torch references in gllm_engine.kernels.reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gllm_engine.kernels import attention, reference
+
+DTYPES = [torch.float32, torch.bfloat16]
+HEADS = [(4, 4), (8, 2)]  # (query heads, KV heads): GQA ratios 1 and 4
+HEAD_DIMS = [64, 128]
+# (new query tokens, context length after this step): a fresh prompt, a one-token prefill, chunked
+# prefill continuing a cached prompt, and a prefix-cache hit whose tail spans several KV tiles.
+PREFILL_REQUESTS = [(7, 7), (1, 18), (21, 37), (40, 75)]
+DECODE_SEQ_LENS = [1, 16, 45, 83]  # exactly one block, a partial block, several blocks
+
+
+def _ids(value: object) -> str:
+    return str(value).replace("torch.", "")
+
+
+@pytest.fixture(params=["default", "small"])
+def prefill_tiles(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The shipped tile config, and 16x16 tiles that cut these short requests into many tiles."""
+    if request.param == "small":
+        monkeypatch.setattr(attention, "prefill_config", lambda *_: attention.PrefillTiles(16, 16, 4, 1))
+    return request.param
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("heads", HEADS, ids=_ids)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_prefill_matches_reference(dtype, heads, head_dim, prefill_tiles, device, make_paged_kv, assert_matches):
+    num_heads, num_kv_heads = heads
+    q_lens = [q for q, _ in PREFILL_REQUESTS]
+    seq_lens = [s for _, s in PREFILL_REQUESTS]
+    k_cache, v_cache, table = make_paged_kv(seq_lens, num_kv_heads, head_dim, dtype)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(dtype).to(device)
+    qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    args = (q, k_cache, v_cache, table, qsl, lens, max(q_lens), head_dim**-0.5)
+    out = torch.full_like(q, float("nan"))
+    got = attention.paged_prefill_attention(*args, out=out)
+    assert got is out
+    assert_matches(out, reference.paged_prefill_attention(*args))
+
+
+def test_prefill_writes_only_its_out_slice(device, make_paged_kv, assert_matches):
+    """The engine passes `out[num_decodes:]` of a buffer; rows outside the view stay untouched."""
+    k_cache, v_cache, table = make_paged_kv([9, 30], 2, 64, torch.float32)
+    q = torch.randn(12, 4, 64, device=device)
+    qsl = torch.tensor([0, 9, 12], dtype=torch.int32, device=device)
+    lens = torch.tensor([9, 30], dtype=torch.int32, device=device)
+    buffer = torch.zeros(14, 4, 64, device=device)
+    attention.paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, 9, 0.125, out=buffer[2:])
+    assert_matches(buffer[2:], reference.paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, 9, 0.125))
+    assert bool((buffer[:2] == 0).all())
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("heads", HEADS, ids=_ids)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_decode_matches_reference(dtype, heads, head_dim, num_splits, device, make_paged_kv, assert_matches,
+                                  monkeypatch):
+    num_heads, num_kv_heads = heads
+    monkeypatch.setattr(attention, "decode_num_splits", lambda *_: num_splits)
+    k_cache, v_cache, table = make_paged_kv(DECODE_SEQ_LENS, num_kv_heads, head_dim, dtype, seed=2)
+    q = torch.randn(len(DECODE_SEQ_LENS), num_heads, head_dim, generator=torch.Generator().manual_seed(3))
+    q = q.to(dtype).to(device)
+    lens = torch.tensor(DECODE_SEQ_LENS, dtype=torch.int32, device=device)
+    out = attention.paged_decode_attention(q, k_cache, v_cache, table, lens, head_dim**-0.5)
+    assert_matches(out, reference.paged_decode_attention(q, k_cache, v_cache, table, lens, head_dim**-0.5))
+
+
+@pytest.mark.parametrize("head_dim", [80, 96, 256])  # padded to a power of two inside the kernels
+def test_other_head_dims(head_dim, device, make_paged_kv, assert_matches, monkeypatch):
+    monkeypatch.setattr(attention, "decode_num_splits", lambda *_: 2)
+    q_lens, seq_lens = [3, 1], [35, 20]
+    k_cache, v_cache, table = make_paged_kv(seq_lens, 2, head_dim, torch.float32, seed=6)
+    q = torch.randn(sum(q_lens), 8, head_dim, generator=torch.Generator().manual_seed(7)).to(device)
+    qsl = torch.tensor([0, 3, 4], dtype=torch.int32, device=device)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    args = (q, k_cache, v_cache, table, qsl, lens, 3, head_dim**-0.5)
+    assert_matches(attention.paged_prefill_attention(*args), reference.paged_prefill_attention(*args))
+    decode_args = (q[:2], k_cache, v_cache, table, lens, head_dim**-0.5)
+    assert_matches(attention.paged_decode_attention(*decode_args), reference.paged_decode_attention(*decode_args))
+
+
+def test_decode_split_heuristic():
+    sms = attention.DEFAULT_NUM_SMS
+    long_ctx = 16 * attention.DECODE_SPLIT_MIN_TOKENS
+    assert attention.decode_num_splits(1, 8, long_ctx, sms) > 1  # few programs, long context
+    assert attention.decode_num_splits(1, 8, long_ctx, sms) <= attention.DECODE_MAX_SPLITS
+    assert attention.decode_num_splits(32, 8, long_ctx, sms) == 1  # the batch fills the GPU
+    assert attention.decode_num_splits(1, 8, 128, sms) == 1  # too short to be worth a reduce
+    assert attention.decode_num_splits(4, 8, long_ctx, sms) < attention.decode_num_splits(1, 8, long_ctx, sms)
+
+
+def test_decode_default_path_splits_long_contexts(device, make_paged_kv, assert_matches, monkeypatch):
+    """Batch 1 with a block table wide enough: the shipped heuristic picks split-K by itself."""
+    chosen = []
+    heuristic = attention.decode_num_splits
+    monkeypatch.setattr(attention, "decode_num_splits", lambda *a: chosen.append(heuristic(*a)) or chosen[-1])
+    seq_len = 2 * attention.DECODE_SPLIT_MIN_TOKENS - 5
+    k_cache, v_cache, table = make_paged_kv([seq_len], 2, 64, torch.float32, seed=4)
+    q = torch.randn(1, 4, 64, device=device)
+    lens = torch.tensor([seq_len], dtype=torch.int32, device=device)
+    out = attention.paged_decode_attention(q, k_cache, v_cache, table, lens, 0.125)
+    assert chosen[0] > 1
+    assert_matches(out, reference.paged_decode_attention(q, k_cache, v_cache, table, lens, 0.125))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_write_kv_cache_matches_reference(dtype, device):
+    num_tokens, num_kv_heads, head_dim, num_blocks = 11, 2, 80, 4
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(num_tokens, (4 + 2 * num_kv_heads) * head_dim, generator=gen).to(dtype).to(device)
+    key = qkv[:, 4 * head_dim:6 * head_dim].view(num_tokens, num_kv_heads, head_dim)  # strided views, as in a model
+    value = qkv[:, 6 * head_dim:].view(num_tokens, num_kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * 16, generator=gen)[:num_tokens]
+    slots[[2, 7]] = -1  # padded tokens: skipped
+    slots = slots.to(device)
+    caches = [torch.randn(num_blocks, 16, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+              for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    attention.write_kv_cache(key, value, caches[0], caches[1], slots)
+    reference.write_kv_cache(key, value, expected[0], expected[1], slots)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+    assert not torch.equal(caches[0], caches[1])

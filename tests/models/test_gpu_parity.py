@@ -1,0 +1,54 @@
+"""On a CUDA GPU in bfloat16: Triton kernels, CUDA graphs and the whole engine against transformers.
+
+bfloat16 rounding lets long greedy runs drift apart once two tokens are nearly tied (random tiny
+models have many near ties), so this reports the token match rate and bounds it loosely.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gllm_engine import LLM, SamplingParams
+from tests.helpers import make_tiny_model_dir
+
+pytestmark = pytest.mark.gpu
+
+ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+STEPS = 32
+
+
+def match_rate(ours: list[list[int]], ref: list[list[int]]) -> float:
+    """Share of positions where the greedy tokens agree, counting up to the first divergence."""
+    agreed = total = 0
+    for a, b in zip(ours, ref):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(b))
+        agreed, total = agreed + n, total + len(b)
+    return agreed / total
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_bf16_greedy_match_rate_against_transformers(arch, enforce_eager, tmp_path, record_property):
+    path = make_tiny_model_dir(arch, tmp_path, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                               num_attention_heads=8, num_key_value_heads=2, head_dim=32)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, hf.config.vocab_size, (8 + 13 * i,), generator=g).tolist() for i in range(8)]
+    with torch.no_grad():
+        ref = []
+        for p in prompts:
+            out = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=STEPS, min_new_tokens=STEPS,
+                              do_sample=False)
+            ref.append(out[0, len(p):].tolist())
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", skip_tokenizer_init=True, show_progress=False,
+              enforce_eager=enforce_eager, gpu_memory_utilization=0.3)
+    ours = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                                         SamplingParams(temperature=0, max_tokens=STEPS,
+                                                                        ignore_eos=True))]
+    rate = match_rate(ours, ref)
+    record_property("greedy_match_rate", rate)
+    print(f"{arch} eager={enforce_eager}: greedy match rate {rate:.1%}")
+    first = sum(a[0] == b[0] for a, b in zip(ours, ref)) / len(ref)
+    assert first >= 0.75 and rate >= 0.5, (first, rate)
