@@ -2,7 +2,8 @@
 
 `make_tiny_model_dir(arch, tmp_path)` writes a tiny random Hugging Face model directory (config,
 safetensors, generation_config.json and, by default, a real tokenizer) that both transformers and
-gLLM load, for parity tests of every supported dense architecture.
+gLLM load, for parity tests of every supported dense architecture. `write_tiny_gguf(model_dir)`
+converts such a directory to a float32 GGUF file the way llama.cpp would.
 
 Vocabulary choice: the tokenizer is SmolLM2's (converted once per test session from the embedded
 GGUF), whose 49152 tokens fix the default vocab_size at 49152, so any text a test tokenizes maps to
@@ -19,7 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import gguf
 import torch
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 from gllm_engine.loader.default_model import default_model_path
@@ -71,3 +74,42 @@ def make_tiny_model_dir(arch: str, tmp_path: Path, *, with_tokenizer: bool = Tru
     if with_tokenizer:
         shutil.copytree(smollm2_tokenizer_dir(), path, dirs_exist_ok=True)
     return path
+
+
+GGUF_ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+
+
+def write_tiny_gguf(model_dir: Path, out: Path | None = None, *, eot_token_id: int | None = None) -> Path:
+    """Convert a tiny llama/qwen2/qwen3 model directory (one safetensors file) to a float32 GGUF.
+
+    Tensor names come from gguf's own name map and, for llama, q/k rows are permuted as llama.cpp's
+    converter does, so loading the file back must undo both.
+    """
+    config = AutoConfig.from_pretrained(str(model_dir))
+    arch = config.model_type
+    out = Path(out or Path(model_dir) / f"{Path(model_dir).name}.F32.gguf")
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    if eot_token_id is not None:
+        writer.add_eot_token_id(eot_token_id)
+    names = gguf.get_tensor_name_map(GGUF_ARCHS[arch], config.num_hidden_layers)
+    for name, tensor in load_file(str(Path(model_dir) / "model.safetensors")).items():
+        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            heads = config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads
+            tensor = tensor.reshape(heads, 2, -1, *tensor.shape[1:]).transpose(1, 2).reshape(tensor.shape)
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

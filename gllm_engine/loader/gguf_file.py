@@ -76,27 +76,14 @@ class GGUFFile:
         self.path = path
         with open(path, "rb") as f:
             self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self._pos = 0
         if self._buf[:4] != _MAGIC:
             raise ValueError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
-        version, num_tensors, num_kv = struct.unpack_from("<IQQ", self._buf, 4)
-        if version not in (2, 3):
-            raise ValueError(f"{path}: GGUF version {version} is not supported (only little-endian v2 and v3)")
-        self._pos = 24
         self.metadata: dict[str, Any] = {}
-        for _ in range(num_kv):
-            key = self._string()
-            self.metadata[key] = self._value(self._unpack("I"))
-        table = []
-        for _ in range(num_tensors):
-            name = self._string()
-            dims = struct.unpack_from(f"<{self._unpack('I')}Q", self._buf, self._pos)
-            self._pos += 8 * len(dims)
-            ggml_type, offset = self._unpack("I"), self._unpack("Q")
-            table.append((name, tuple(reversed(dims)), ggml_type, offset))
-        alignment = int(self.metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
-        data_start = -(-self._pos // alignment) * alignment
-        self.tensors = [TensorInfo(name, shape, t, data_start + off) for name, shape, t, off in table]
+        self.tensors: list[TensorInfo] = []
+        try:
+            self._parse()
+        except struct.error as e:
+            raise ValueError(f"{path} is truncated or corrupt ({e})") from e
 
     @property
     def architecture(self) -> str:
@@ -168,6 +155,25 @@ class GGUFFile:
         return sum(4 * int(np.prod(t.shape)) for t in self.tensors if t.name.split(".")[0] not in _SKIPPED)
 
     # ---- parsing -------------------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        version, num_tensors, num_kv = struct.unpack_from("<IQQ", self._buf, 4)
+        if version not in (2, 3):
+            raise ValueError(f"{self.path}: GGUF version {version} is not supported (only little-endian v2 and v3)")
+        self._pos = 24
+        for _ in range(num_kv):
+            key = self._string()
+            self.metadata[key] = self._value(self._unpack("I"))
+        table = []
+        for _ in range(num_tensors):
+            name = self._string()
+            dims = struct.unpack_from(f"<{self._unpack('I')}Q", self._buf, self._pos)
+            self._pos += 8 * len(dims)
+            ggml_type, offset = self._unpack("I"), self._unpack("Q")
+            table.append((name, tuple(reversed(dims)), ggml_type, offset))
+        alignment = int(self.metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
+        data_start = -(-self._pos // alignment) * alignment
+        self.tensors = [TensorInfo(name, shape, t, data_start + off) for name, shape, t, off in table]
 
     def _unpack(self, fmt: str) -> Any:
         (value,) = struct.unpack_from("<" + fmt, self._buf, self._pos)

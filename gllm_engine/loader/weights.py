@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import closing
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
@@ -68,9 +69,10 @@ def fill_dummy_weights(model: nn.Module, seed: int = 0) -> None:
 
 def _with_progress(weights: Iterable[tuple[str, torch.Tensor]],
                    total_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Pass `weights` through while a one-line transient progress bar counts their bytes."""
+    """Pass `weights` through while a one-line transient progress bar (stderr, terminals only) counts bytes."""
     columns = (TextColumn("Loading weights"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as progress:
+    console = Console(stderr=True)
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("weights", total=total_bytes or None)
         for name, tensor in weights:
             yield name, tensor

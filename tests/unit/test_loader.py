@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from gllm_engine.loader import ModelLoadError, default_model
 from gllm_engine.loader.default_model import default_model_path
@@ -20,6 +20,7 @@ from gllm_engine.loader.gguf_file import open_gguf
 from gllm_engine.loader.model_files import resolve_model_files
 from gllm_engine.loader.tokenizer import apply_chat_template, load_tokenizer
 from gllm_engine.loader.weights import DUMMY_RANGE, load_model_weights
+from tests.helpers import EOS_TOKEN_ID, write_tiny_gguf
 
 TEXT = "Hello world! Thé café 🍵 costs 3.50€\n\n  indented\tand <|im_start|> special"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
@@ -45,6 +46,13 @@ def hf_gguf_model():
 @pytest.fixture(scope="module")
 def tiny_dir(tiny_model_dir):
     return tiny_model_dir("Qwen3ForCausalLM")
+
+
+def config_differences(ours, ref) -> dict:
+    """Config fields that differ, except those from_pretrained sets from its arguments, not the file."""
+    ignored = {"architectures", "_name_or_path", "dtype", "quantization_config"}
+    a, b = ours.to_dict(), ref.to_dict()
+    return {k: (a.get(k), b.get(k)) for k in a.keys() | b.keys() if k not in ignored and a.get(k) != b.get(k)}
 
 
 class StandIn(nn.Module):
@@ -89,10 +97,7 @@ def test_gguf_config_matches_transformers(gguf_files, hf_gguf_model):
     config = gguf_files.load_hf_config()
     assert config.architectures == ["LlamaForCausalLM"]
     assert (config.num_hidden_layers, config.hidden_size, config.tie_word_embeddings) == (30, 576, True)
-    ours, ref = config.to_dict(), hf_gguf_model.config.to_dict()
-    ignored = {"architectures", "_name_or_path", "dtype", "quantization_config"}  # from_pretrained adds these
-    differing = {k for k in ours.keys() | ref.keys() if k not in ignored and ours.get(k) != ref.get(k)}
-    assert not differing, {k: (ours.get(k), ref.get(k)) for k in differing}
+    assert not config_differences(config, hf_gguf_model.config)
 
 
 def test_gguf_tokenizer_round_trips_text_and_has_the_chat_template(gguf_files, gguf_tokenizer):
@@ -135,6 +140,22 @@ def test_gguf_path_forms(tmp_path, gguf_files):
         assert (files.load_format, Path(files.path).name, files.name) == ("gguf", gguf.name, gguf_files.name)
     dummy = resolve_model_files(str(gguf), load_format="dummy")
     assert dummy.load_format == "dummy" and dummy.load_hf_config().num_hidden_layers == 30
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+def test_tiny_gguf_of_each_dense_architecture_reads_back_exactly(arch, tiny_model_dir):
+    # transformers maps no head_dim for qwen3 GGUFs (Qwen3Config's default, 128, applies), so use 128.
+    overrides = {"head_dim": 128} if arch == "Qwen3ForCausalLM" else {}
+    path = tiny_model_dir(arch, with_tokenizer=False, **overrides)
+    gguf_path = write_tiny_gguf(path, eot_token_id=7)  # llama: q/k rows permuted; qwen2: biases; qwen3: q/k norms
+    files = resolve_model_files(str(gguf_path))
+    ref = load_file(str(path / "model.safetensors"))
+    ours = dict(files.iter_weights())
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+    config = files.load_hf_config()
+    assert config.architectures == [arch]
+    assert not config_differences(config, AutoConfig.from_pretrained(str(path), gguf_file=gguf_path.name))
+    assert files.eos_token_ids() == (EOS_TOKEN_ID, 7)  # eos, then end-of-turn
 
 
 # ---- Hugging Face directories (safetensors) -----------------------------------------------------
@@ -236,6 +257,10 @@ def test_read_errors_are_clear(tmp_path, tiny_dir):
     bad.write_bytes(b"NOTGGUF" + bytes(64))
     with pytest.raises(ModelLoadError, match="not a GGUF file"):
         resolve_model_files(str(bad)).load_hf_config()
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(Path(default_model_path()).read_bytes()[:4096])
+    with pytest.raises(ModelLoadError, match="truncated or corrupt"):
+        resolve_model_files(str(truncated)).load_hf_config()
     with pytest.raises(ModelLoadError, match="not a .gguf"):
         load_tokenizer(str(tiny_dir / "config.json"))
 
