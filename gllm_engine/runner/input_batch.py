@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from gllm_engine.sampling_params import SamplingParams
 
@@ -83,3 +84,50 @@ class InputBatch:
                 state.block_array = np.asarray(d.block_ids, dtype=np.int32)
             states.append(state)
         return states
+
+
+class HostUploader:
+    """Copies a step's index arrays to the device: one pinned staging buffer and one copy per dtype.
+
+    Two buffer sets alternate, each reused only after its previous copy finished (a CUDA event),
+    so a copy still queued behind the last step's kernels is never overwritten.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._sets: list[dict[torch.dtype, torch.Tensor]] = [{}, {}]
+        self._events: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+
+    def upload(self, int64_arrays: list[np.ndarray], int32_arrays: list[np.ndarray]
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Device tensors with the arrays' shapes: int64 ones, then int32 ones."""
+        if self.device.type != "cuda":
+            return ([torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in int64_arrays],
+                    [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)) for a in int32_arrays])
+        turn, self._turn = self._turn, 1 - self._turn
+        if self._events[turn] is not None:
+            self._events[turn].synchronize()
+        out = (self._copy(turn, torch.int64, np.int64, int64_arrays),
+               self._copy(turn, torch.int32, np.int32, int32_arrays))
+        self._events[turn] = torch.cuda.Event()
+        self._events[turn].record()
+        return out
+
+    def _copy(self, turn: int, dtype: torch.dtype, np_dtype: type, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        total = sum(a.size for a in arrays)
+        buf = self._sets[turn].get(dtype)
+        if buf is None or buf.numel() < total:
+            buf = self._sets[turn][dtype] = torch.empty(max(total, 2 * (buf.numel() if buf is not None else 4096)),
+                                                        dtype=dtype, pin_memory=True)
+        host = buf.numpy()
+        offset = 0
+        for a in arrays:
+            host[offset:offset + a.size] = a.reshape(-1)
+            offset += a.size
+        device_buf = buf[:total].to(self.device, non_blocking=True)
+        views, offset = [], 0
+        for a in arrays:
+            views.append(device_buf[offset:offset + a.size].view(a.shape))
+            offset += a.size
+        return views

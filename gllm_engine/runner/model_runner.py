@@ -20,7 +20,7 @@ from gllm_engine.layers.parallel import SINGLE, WHOLE_MODEL, PPStage, TPLayout
 from gllm_engine.loader.weights import load_model_weights
 from gllm_engine.models.registry import get_model_class
 from gllm_engine.runner.cuda_graph import DecodeGraphs
-from gllm_engine.runner.input_batch import InputBatch, SeqState, StepPlan
+from gllm_engine.runner.input_batch import HostUploader, InputBatch, SeqState, StepPlan
 from gllm_engine.runner.sampler import SamplerOutput, SamplingBatch, sample
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class ModelRunner:
         self.vocab_size = hf.vocab_size
         self.hidden_size = hf.hidden_size
         self.input_batch = InputBatch()
+        self.uploader = HostUploader(self.device)
         self.generators: dict[int, torch.Generator] = {}
         self.graphs: DecodeGraphs | None = None
 
@@ -145,12 +146,6 @@ class ModelRunner:
         return int(budget // self._block_bytes())
 
     # ---- one step -------------------------------------------------------------------------------
-    def _tensor(self, array: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.as_tensor(np.asarray(array), dtype=dtype)
-        if self.pin_memory:
-            t = t.pin_memory()
-        return t.to(self.device, non_blocking=True)
-
     def prepare_inputs(self, plan: StepPlan, states: list[SeqState]
                        ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """Input ids, positions, attention metadata and the indices of the tokens whose logits are sampled."""
@@ -173,17 +168,14 @@ class ModelRunner:
         cu = np.zeros(n + 1, dtype=np.int32)
         cu[1:] = ends
         nd = plan.num_decodes
+        (input_ids, positions, slots_t, logits_t), (cu_t, seq_lens_t, tables_t, prefill_cu_t) = self.uploader.upload(
+            [np.asarray(ids, dtype=np.int64), pos, slots, np.asarray(logits_idx, dtype=np.int64)],
+            [cu, seq_lens.astype(np.int32), tables, cu[nd:] - cu[nd]])
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.int64),
-            query_start_loc=self._tensor(cu, torch.int32),
-            seq_lens=self._tensor(seq_lens, torch.int32),
-            block_tables=self._tensor(tables, torch.int32),
-            num_decodes=nd,
-            max_query_len=int(q_lens.max()),
-            prefill_query_start_loc=self._tensor(cu[nd:] - cu[nd], torch.int32) if nd < n else None,
-        )
-        return (self._tensor(ids, torch.int64), self._tensor(pos, torch.int64), meta,
-                self._tensor(logits_idx, torch.int64))
+            slot_mapping=slots_t, query_start_loc=cu_t, seq_lens=seq_lens_t, block_tables=tables_t,
+            num_decodes=nd, max_query_len=int(q_lens.max()),
+            prefill_query_start_loc=prefill_cu_t if nd < n else None)
+        return input_ids, positions, meta, logits_t
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, intermediate: Intermediate | None = None

@@ -17,8 +17,8 @@ from gllm_engine.runner.input_batch import SeqState
 class SamplingBatch:
     """Per-row sampling settings of the sequences sampled in a step."""
 
-    temperature: torch.Tensor  # [N] float32, 1.0 on greedy rows
-    greedy: torch.Tensor  # [N] bool
+    temperature: torch.Tensor | None  # [N] float32, 1.0 on greedy rows (None when all rows are greedy)
+    greedy: torch.Tensor | None  # [N] bool
     all_greedy: bool
     top_k: torch.Tensor | None  # [N] int64, vocab size where disabled
     top_p: torch.Tensor | None  # [N] float32
@@ -54,14 +54,17 @@ class SamplingBatch:
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
-        any_top_k = any(p.top_k > 0 for p in params)
-        any_top_p = any(p.top_p < 1.0 for p in params)
-        any_min_p = any(p.min_p > 0.0 for p in params)
+        all_greedy = all(greedy)
+        random_rows = not all_greedy
+        any_top_k = random_rows and any(p.top_k > 0 for p in params)
+        any_top_p = random_rows and any(p.top_p < 1.0 for p in params)
+        any_min_p = random_rows and any(p.min_p > 0.0 for p in params)
         wants = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
-            temperature=tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32),
-            greedy=tensor(greedy, torch.bool),
-            all_greedy=all(greedy),
+            temperature=tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32)
+            if random_rows else None,
+            greedy=tensor(greedy, torch.bool) if random_rows else None,
+            all_greedy=all_greedy,
             top_k=tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64)
             if any_top_k else None,
             top_p=tensor([p.top_p for p in params], torch.float32) if any_top_p else None,
