@@ -18,7 +18,7 @@ from gllm_engine.executor.comm import RankDiedError
 from gllm_engine.executor.executor import make_executor
 from gllm_engine.outputs import CompletionOutput, Logprob, RequestOutput
 from gllm_engine.runner.sampler import SamplerOutput
-from gllm_engine.sampling_params import SamplingParams
+from gllm_engine.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,8 @@ class EngineCore:
             touched[seq.request_id] = self.requests[seq.request_id]
         outputs = []
         for req in touched.values():
-            outputs.append(self._output(req))
+            if req.finished or req.params.output_kind is not RequestOutputKind.FINAL_ONLY:
+                outputs.append(self._output(req))
             if req.finished:
                 del self.requests[req.request_id]
                 for seq in req.seqs:

@@ -139,6 +139,9 @@ class KVCacheManager:
         """
         num_cached = len(cached_blocks) * self.block_size
         total = seq.num_computed_tokens + num_cached + num_new_tokens
+        if (not num_cached and total <= len(seq.block_ids) * self.block_size
+                and (not self.enable_prefix_caching or total // self.block_size <= seq.num_named_blocks)):
+            return True  # the common decode step: room left in the last block, no block newly full
         need = blocks_needed(total, self.block_size) - len(seq.block_ids) - len(cached_blocks)
         # Cached blocks that are free right now leave the free queue when acquired.
         reclaimed = sum(1 for b in cached_blocks if self.pool.ref_counts[b] == 0)

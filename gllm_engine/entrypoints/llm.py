@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as SequenceABC
+from dataclasses import replace
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -12,7 +13,7 @@ from gllm_engine.config import EngineConfig
 from gllm_engine.core.engine_core import EngineCore
 from gllm_engine.loader.tokenizer import apply_chat_template
 from gllm_engine.outputs import RequestOutput
-from gllm_engine.sampling_params import SamplingParams
+from gllm_engine.sampling_params import RequestOutputKind, SamplingParams
 
 PromptType = str | dict[str, Any]
 
@@ -52,7 +53,9 @@ class LLM:
         """Generate for each prompt (a string or `{"prompt_token_ids": [...]}`); outputs in input order."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        params = self._params_for(sampling_params, len(prompts))
+        # Offline callers only see finished requests: skip building per-step outputs.
+        params = [replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+                  for p in self._params_for(sampling_params, len(prompts))]
         request_ids = []
         try:
             for prompt, p in zip(prompts, params):
