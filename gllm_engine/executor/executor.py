@@ -114,7 +114,7 @@ class MultiprocExecutor:
                 self.procs.check_alive()
                 continue
             if isinstance(out, Exception):
-                self.procs.check_alive()
+                self.procs.explain(out)
                 raise RankDiedError(f"lost the connection to the sampling rank: {out}")
             return out
 
