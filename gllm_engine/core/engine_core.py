@@ -7,6 +7,8 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from torch.profiler import record_function
+
 from gllm_engine.config import EngineConfig
 from gllm_engine.core.detokenizer import decode_new_text, find_stop_string
 from gllm_engine.core.kv_cache import KVCacheManager
@@ -112,11 +114,13 @@ class EngineCore:
         """
         try:
             while len(self.in_flight) < self.max_in_flight:
-                plan = self.scheduler.schedule()
-                if plan.is_empty:
-                    break
-                self.in_flight.append(plan)
-                self.executor.submit(self.encoder.encode(plan))
+                with record_function("schedule"):
+                    plan = self.scheduler.schedule()
+                    if plan.is_empty:
+                        break
+                    self.in_flight.append(plan)
+                    step_plan = self.encoder.encode(plan)
+                self.executor.submit(step_plan)
             if not self.in_flight:
                 return []
             sampled = self.executor.collect()
@@ -126,16 +130,18 @@ class EngineCore:
             self.in_flight.clear()
             self.executor.shutdown()
             raise
-        plan = self.in_flight.popleft()
-        self.scheduler.update(plan)
-        return self._process(plan, sampled)
+        with record_function("output"):
+            plan = self.in_flight.popleft()
+            self.scheduler.update(plan)
+            return self._process(plan, sampled)
 
     def shutdown(self) -> None:
         """Stop the ranks (a no-op for a single-rank engine)."""
         self.executor.shutdown()
 
     def _process(self, plan: SchedulerOutput, sampled: SamplerOutput) -> list[RequestOutput]:
-        touched: dict[str, Request] = {}
+        """Append sampled tokens, detokenize, apply stop conditions; build the outputs users see."""
+        advanced: list[tuple[Sequence, int]] = []
         row = 0
         for s in plan.scheduled:
             if not s.samples:
@@ -149,8 +155,15 @@ class EngineCore:
             if entry is not None and seq.logprobs is not None:
                 seq.logprobs.append(self._logprob_entry(token, entry, seq.params.logprobs))
             seq.token_ids.append(token)
-            self._num_generation_tokens += 1
-            self._check_finished(seq, token)
+            advanced.append((seq, token))
+        self._num_generation_tokens += len(advanced)
+        new_chars = [0] * len(advanced)
+        if self.tokenizer is not None:
+            with record_function("detokenize"):
+                new_chars = [len(decode_new_text(self.tokenizer, seq)) for seq, _ in advanced]
+        touched: dict[str, Request] = {}
+        for (seq, token), chars in zip(advanced, new_chars):
+            self._check_finished(seq, token, chars)
             touched[seq.request_id] = self.requests[seq.request_id]
         outputs = []
         for req in touched.values():
@@ -162,9 +175,8 @@ class EngineCore:
                     self.encoder.forget(seq.seq_id)
         return outputs
 
-    def _check_finished(self, seq: Sequence, token: int) -> None:
+    def _check_finished(self, seq: Sequence, token: int, new_chars: int) -> None:
         p = seq.params
-        new_chars = len(decode_new_text(self.tokenizer, seq)) if self.tokenizer is not None else 0
         past_min = seq.num_output_tokens >= p.min_tokens
         if past_min and not p.ignore_eos and token in p.eos_token_ids:
             self.scheduler.finish(seq, "stop")

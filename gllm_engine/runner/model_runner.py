@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from gllm_engine.config import EngineConfig
 from gllm_engine.layers.attention import AttentionMetadata
@@ -185,25 +186,28 @@ class ModelRunner:
         Returns what the next pipeline stage needs on a non-last stage; on the last stage the
         sampled tokens (one per sequence whose chunk `samples`) on the sampling rank, None elsewhere.
         """
-        for seq_id in plan.finished_seq_ids:
-            self.generators.pop(seq_id, None)
-        states = self.input_batch.apply(plan)
-        input_ids, positions, meta, logits_idx = self.prepare_inputs(plan, states)
-        if self.graphs is not None and self.graphs.can_run(meta.num_decodes, meta.seq_lens.shape[0],
-                                                           meta.block_tables.shape[1]):
-            hidden = self.graphs.run(input_ids, positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, meta, intermediate)
-        if not self.layout.stage.is_last:
-            return hidden
-        if logits_idx.numel() == 0:
-            return SamplerOutput([]) if self.layout.samples else None
-        logits = self.model.compute_logits(hidden[logits_idx])  # every TP rank joins the gather
+        with record_function("prepare_inputs"):
+            for seq_id in plan.finished_seq_ids:
+                self.generators.pop(seq_id, None)
+            states = self.input_batch.apply(plan)
+            input_ids, positions, meta, logits_idx = self.prepare_inputs(plan, states)
+        with record_function("forward"):
+            if self.graphs is not None and self.graphs.can_run(meta.num_decodes, meta.seq_lens.shape[0],
+                                                               meta.block_tables.shape[1]):
+                hidden = self.graphs.run(input_ids, positions, meta)
+            else:
+                hidden = self.model(input_ids, positions, meta, intermediate)
+            if not self.layout.stage.is_last:
+                return hidden
+            if logits_idx.numel() == 0:
+                return SamplerOutput([]) if self.layout.samples else None
+            logits = self.model.compute_logits(hidden[logits_idx])  # every TP rank joins the gather
         if not self.layout.samples:
             return None
-        sampled = [st for d, st in zip(plan.seqs, states) if d.samples]
-        batch = SamplingBatch.build(sampled, self.device, self.vocab_size, self.generators)
-        return sample(logits, batch)
+        with record_function("sample"):
+            sampled = [st for d, st in zip(plan.seqs, states) if d.samples]
+            batch = SamplingBatch.build(sampled, self.device, self.vocab_size, self.generators)
+            return sample(logits, batch)
 
 
 def _single_sequence_metadata(num_tokens: int, num_blocks: int, device: torch.device) -> AttentionMetadata:
