@@ -62,8 +62,8 @@ def make_tiny_model_dir(arch: str, tmp_path: Path, *, with_tokenizer: bool = Tru
     if arch not in TINY_MODEL_TYPES:
         raise ValueError(f"no tiny model for {arch!r}; known: {', '.join(TINY_MODEL_TYPES)}")
     vocab = TOKENIZER_VOCAB_SIZE if with_tokenizer else NO_TOKENIZER_VOCAB_SIZE
-    params = dict(TINY_SHAPE, vocab_size=vocab, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID,
-                  architectures=[arch], **overrides)
+    params = {**TINY_SHAPE, "vocab_size": vocab, "bos_token_id": BOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID,
+              "architectures": [arch], **overrides}
     config = AutoConfig.for_model(TINY_MODEL_TYPES[arch], **params)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -11,12 +11,12 @@ import time
 
 import pytest
 import torch
-from tests.helpers import make_tiny_model_dir
 from transformers import AutoModelForCausalLM
 
 from gllm_engine import LLM, SamplingParams
 from gllm_engine.executor.comm import RankDiedError
 from gllm_engine.executor.launcher import free_port
+from tests.helpers import make_tiny_model_dir
 
 pytestmark = pytest.mark.distributed
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.helpers import make_tiny_model_dir
 from transformers import AutoModelForCausalLM
 
 from gllm_engine import LLM, SamplingParams
 from gllm_engine.core.plan_encoder import PlanEncoder
 from gllm_engine.core.request import Request
 from gllm_engine.core.scheduler import ScheduledSeq, SchedulerOutput
+from tests.helpers import make_tiny_model_dir
 
 ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
 GREEDY_32 = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from tests.helpers import make_tiny_model_dir
 
 from gllm_engine import LLM, SamplingParams
+from tests.helpers import make_tiny_model_dir
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 

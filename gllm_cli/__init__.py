@@ -1,0 +1,1 @@
+"""The gllm command-line toolkit: serve, chat, bench, eval and profile."""
