@@ -31,8 +31,8 @@ def match_rate(ours: list[list[int]], ref: list[list[int]]) -> float:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("enforce_eager", [True, False])
 def test_bf16_greedy_match_rate_against_transformers(arch, enforce_eager, tmp_path, record_property):
-    path = make_tiny_model_dir(arch, tmp_path, with_tokenizer=False, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                               num_attention_heads=8, num_key_value_heads=2, head_dim=32)
+    path = make_tiny_model_dir(arch, tmp_path, with_tokenizer=False, hidden_size=256, intermediate_size=512,
+                               num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=32)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, hf.config.vocab_size, (8 + 13 * i,), generator=g).tolist() for i in range(8)]
