@@ -145,6 +145,9 @@ def main() -> None:
         if proc.exitcode != 0:
             raise SystemExit(f"{engine} run failed (exit code {proc.exitcode})")
         rows.append(queue.get())
+        r = rows[-1]
+        print(f"{r['engine']}: {r['requests']} requests in {r['seconds']:.1f} s, {r['output_tokens']} output tokens",
+              flush=True)
 
     baseline = next((r for r in rows if r["engine"].startswith("transformers")), None)
     table = Table(title=f"Offline throughput, ShareGPT, {Path(args.config).name} ({args.dtype}, dummy weights)")
