@@ -67,7 +67,9 @@ def run_transformers(args: argparse.Namespace, requests: list[BenchRequest], res
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn).to(device).eval()
     gen = GenerationConfig(do_sample=False, max_new_tokens=max(r.output_len for r in requests), eos_token_id=-1,
                            pad_token_id=0)
+    t0 = time.perf_counter()
     with model.continuous_batching_context_manager(generation_config=gen) as manager:
+        print(f"transformers: manager ready after {time.perf_counter() - t0:.1f} s", flush=True)
         warm = manager.add_request(requests[0].prompt_token_ids, request_id="warmup", max_new_tokens=2)
         _wait_all(manager, {warm})
         _sync(device)
@@ -84,7 +86,12 @@ def run_transformers(args: argparse.Namespace, requests: list[BenchRequest], res
 def _wait_all(manager, ids: set[str]) -> int:
     """Block until every request in `ids` finished; returns the tokens they generated."""
     pending, generated = set(ids), 0
+    start = last_report = time.perf_counter()
     while pending:
+        if time.perf_counter() - last_report > 30:
+            last_report = time.perf_counter()
+            done = len(ids) - len(pending)
+            print(f"transformers: {done}/{len(ids)} done after {last_report - start:.0f} s", flush=True)
         out = manager.get_result(timeout=1.0)
         if out is None:
             continue
