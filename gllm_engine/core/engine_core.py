@@ -130,6 +130,14 @@ class EngineCore:
             self.in_flight.clear()
             self.executor.shutdown()
             raise
+        except BaseException:
+            # Interrupted (Ctrl-C) or failed mid-step: the batches in flight never finished, so their
+            # sequences start over and nothing they were about to write stays in the prefix cache.
+            for plan in self.in_flight:
+                self.scheduler.rollback(plan)
+            self.in_flight.clear()
+            self.executor.reset()
+            raise
         with record_function("output"):
             plan = self.in_flight.popleft()
             self.scheduler.update(plan)

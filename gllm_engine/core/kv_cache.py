@@ -72,6 +72,13 @@ class BlockPool:
             self.keys[block] = key
             self.cached[key] = block
 
+    def unname(self, block: int) -> None:
+        """Forget a block's name (its content is not what the name promises)."""
+        key = self.keys[block]
+        if key is not None:
+            del self.cached[key]
+            self.keys[block] = None
+
     def release(self, block_ids: list[int]) -> None:
         """Drop one reference from each block; blocks reaching zero join the free queue in this order."""
         for b in block_ids:
@@ -167,6 +174,12 @@ class KVCacheManager:
         for b, key in zip(seq.block_ids[start:end], keys):
             self.pool.name(b, key)
         seq.num_named_blocks, seq.last_block_key = end, keys[-1]
+
+    def unname_uncomputed(self, seq: Sequence) -> None:
+        """Unname blocks named ahead of a step that never ran: their KV was not written."""
+        first = seq.num_computed_tokens // self.block_size
+        for b in seq.block_ids[first:seq.num_named_blocks]:
+            self.pool.unname(b)
 
     def free(self, seq: Sequence) -> None:
         """Return `seq`'s blocks; its last blocks go first in the eviction order."""

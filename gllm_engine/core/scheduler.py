@@ -155,7 +155,15 @@ class Scheduler:
                           block_size=self.kv_cache.block_size, remaining_output_tokens=remaining_out,
                           num_waiting=len(self.waiting), waiting_prefill_tokens=waiting_tokens)
 
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+    def rollback(self, out: SchedulerOutput) -> None:
+        """Undo a batch that was scheduled but never ran (interrupted): its sequences start over."""
+        for s in out.scheduled:
+            self.in_flight.discard(s.seq.seq_id)
+            if s.seq.status is SeqStatus.RUNNING:
+                self.kv_cache.unname_uncomputed(s.seq)
+                self._preempt(s.seq, None)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput | None) -> None:
         self.running.remove(seq)
         self.kv_cache.free(seq)
         seq.num_computed_tokens = 0
@@ -163,7 +171,8 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
-        out.preempted.append(seq)
+        if out is not None:
+            out.preempted.append(seq)
 
     def update(self, out: SchedulerOutput) -> None:
         """Advance computed-token counts after the batch ran (sampled tokens are appended by the caller)."""

@@ -34,6 +34,10 @@ class UniprocExecutor:
     def collect(self) -> SamplerOutput:
         return self._results.popleft()
 
+    def reset(self) -> None:
+        """Drop the results of batches the engine rolled back."""
+        self._results.clear()
+
     def shutdown(self) -> None:
         pass
 
@@ -117,6 +121,10 @@ class MultiprocExecutor:
                 self.procs.explain(out)
                 raise RankDiedError(f"lost the connection to the sampling rank: {out}")
             return out
+
+    def reset(self) -> None:
+        """Drop the local results of batches the engine rolled back."""
+        self._results.clear()
 
     def serve_forever(self) -> None:
         """Non-engine nodes: wait for the local ranks to finish (the engine node ends them)."""

@@ -131,3 +131,18 @@ def test_random_workloads_keep_the_pool_consistent(ops):
         sched.finish(s, "abort")
     check_accounting(sched, [])
     assert sched.kv_cache.num_free_blocks == 12
+
+
+def test_a_rolled_back_step_leaves_no_names_for_unwritten_blocks():
+    sched = make_scheduler()
+    (a,) = make_seq(list(range(100, 113)), "a")
+    sched.add(a)
+    plan = sched.schedule()  # names blocks 0..2 ahead of the forward pass
+    assert len(sched.kv_cache.pool.cached) == 3
+    sched.rollback(plan)  # the forward pass never ran (e.g. Ctrl-C)
+    assert not sched.kv_cache.pool.cached and a.num_computed_tokens == 0 and sched.waiting[0] is a
+    check_accounting(sched, [a])
+    (b,) = make_seq(list(range(100, 113)), "b")
+    sched.add(b)
+    step(sched)
+    assert b.num_cached_tokens == 0  # nothing stale was reused

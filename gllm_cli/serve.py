@@ -1,0 +1,67 @@
+"""`gllm serve`: the OpenAI-compatible server."""
+
+import logging
+import signal
+from typing import Annotated
+
+import typer
+
+from gllm_cli.errors import friendly_errors
+from gllm_cli.options import with_engine_options
+
+SERVER = "Server"
+
+
+@friendly_errors
+@with_engine_options
+def serve(
+    model: Annotated[str | None, typer.Argument(help="HF model directory or .gguf file (default: embedded SmolLM2).")]
+    = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.", rich_help_panel=SERVER)] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", rich_help_panel=SERVER)] = 8000,
+    served_model_name: Annotated[str | None, typer.Option(help="Model name clients use (default: the model's).",
+                                                          rich_help_panel=SERVER)] = None,
+    api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY'.", rich_help_panel=SERVER)]
+    = None,
+    chat_template: Annotated[str | None, typer.Option(help="Jinja chat template file or string.",
+                                                      rich_help_panel=SERVER)] = None,
+    max_waiting_requests: Annotated[int | None, typer.Option(help="Answer 429 beyond this many waiting requests.",
+                                                             rich_help_panel=SERVER)] = None,
+    shutdown_grace: Annotated[float, typer.Option(help="Seconds running requests get to finish on SIGINT/SIGTERM.",
+                                                  rich_help_panel=SERVER)] = 10.0,
+    *,
+    engine_kwargs: dict,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API."""
+    import uvicorn
+
+    from gllm_engine.config import EngineConfig
+    from gllm_engine.entrypoints.async_llm import AsyncLLM
+    from gllm_engine.executor.executor import serve_node
+    from gllm_engine.server.app import OpenAIServer
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = EngineConfig.create(model, **engine_kwargs)
+    if config.parallel.node_rank > 0:
+        serve_node(config)  # this node only runs its ranks; node 0 serves HTTP
+        return
+    template = _read_template(chat_template)
+    llm = AsyncLLM(config, max_waiting_requests=max_waiting_requests)
+    server = OpenAIServer(llm, served_model_name=served_model_name, api_key=api_key, chat_template=template)
+    # uvicorn handles SIGINT/SIGTERM while serving (stop accepting, let requests finish for the grace
+    # period) and re-raises the signal afterwards; these no-op handlers then let us exit 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    try:
+        uvicorn.run(server.app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_grace)
+    finally:
+        llm.shutdown(grace_s=shutdown_grace)
+
+
+def _read_template(value: str | None) -> str | None:
+    from pathlib import Path
+
+    if value is None:
+        return None
+    path = Path(value)
+    return path.read_text() if path.is_file() else value
