@@ -142,6 +142,7 @@ def test_a_rolled_back_step_leaves_no_names_for_unwritten_blocks():
     sched.rollback(plan)  # the forward pass never ran (e.g. Ctrl-C)
     assert not sched.kv_cache.pool.cached and a.num_computed_tokens == 0 and sched.waiting[0] is a
     check_accounting(sched, [a])
+    sched.finish(a, "abort")
     (b,) = make_seq(list(range(100, 113)), "b")
     sched.add(b)
     step(sched)
