@@ -2,8 +2,12 @@
 
 import logging
 import signal
+import subprocess
+import sys
+import time
 from typing import Annotated
 
+import httpx
 import typer
 
 from gllm_cli.errors import friendly_errors
@@ -65,3 +69,29 @@ def _read_template(value: str | None) -> str | None:
         return None
     path = Path(value)
     return path.read_text() if path.is_file() else value
+
+
+def spawn_server(*args: str) -> tuple[subprocess.Popen, str]:
+    """`gllm serve ARGS` (CPU unless --device is given) on a free local port, as a child process.
+
+    Returns the process and its base URL once /health answers.
+    """
+    from gllm_engine.executor.launcher import free_port
+
+    port = free_port()
+    if "--device" not in args:
+        args = ("--device", "cpu", *args)
+    proc = subprocess.Popen([sys.executable, "-m", "gllm_cli.main", "serve", "--port", str(port), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server did not start within 300 s")

@@ -16,20 +16,15 @@ from __future__ import annotations
 import atexit
 import functools
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import gguf
-import httpx
 import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
-from gllm_engine.executor.launcher import free_port
 from gllm_engine.loader.default_model import default_model_path
 
 TINY_MODEL_TYPES = {
@@ -118,22 +113,3 @@ def write_tiny_gguf(model_dir: Path, out: Path | None = None, *, eot_token_id: i
     writer.write_tensors_to_file()
     writer.close()
     return out
-
-
-def start_server(*args: str) -> tuple[subprocess.Popen, str]:
-    """`gllm serve --device cpu ARGS` on a free local port; returns the process and its base URL once healthy."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gllm_cli.main", "serve", "--device", "cpu", "--port", str(port),
-                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("server did not start within 120 s")

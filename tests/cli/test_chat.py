@@ -10,7 +10,7 @@ import sys
 import pexpect
 import pytest
 
-from tests.helpers import start_server
+from gllm_cli.serve import spawn_server as start_server
 
 PROMPT = ">>> "
 

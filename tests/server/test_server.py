@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import start_server
+from gllm_cli.serve import spawn_server as start_server
 
 API_KEY = "test-key"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
