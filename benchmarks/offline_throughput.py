@@ -67,8 +67,13 @@ def run_transformers(args: argparse.Namespace, requests: list[BenchRequest], res
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn).to(device).eval()
     gen = GenerationConfig(do_sample=False, max_new_tokens=max(r.output_len for r in requests), eos_token_id=-1,
                            pad_token_id=0)
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    # Size the manager for this workload, as generate_batch does.
+    hints = WorkloadHints(max_prompt_length=max(len(r.prompt_token_ids) for r in requests),
+                          max_generated_length=gen.max_new_tokens, num_requests=len(requests))
     t0 = time.perf_counter()
-    with model.continuous_batching_context_manager(generation_config=gen) as manager:
+    with model.continuous_batching_context_manager(generation_config=gen, workload_hints=hints) as manager:
         print(f"transformers: manager ready after {time.perf_counter() - t0:.1f} s", flush=True)
         warm = manager.add_request(requests[0].prompt_token_ids, request_id="warmup", max_new_tokens=2)
         _wait_all(manager, {warm})
