@@ -48,8 +48,10 @@ class EngineCore:
     def __init__(self, config: EngineConfig, *, show_progress: bool = True):
         self.config = config
         self.tokenizer = None
-        if not config.model.skip_tokenizer_init:
+        if not config.model.skip_tokenizer_init and config.model.files.tokenizer_path is not None:
             self.tokenizer = config.model.files.load_tokenizer()
+        elif not config.model.skip_tokenizer_init:
+            logger.warning("%s has no tokenizer files: only token-id prompts will work", config.model.name)
         self.eos_token_ids = config.model.files.eos_token_ids(self.tokenizer)
         self.executor = make_executor(config, show_progress=show_progress)
         num_blocks = self.executor.num_blocks
