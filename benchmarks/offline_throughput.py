@@ -64,7 +64,8 @@ def run_transformers(args: argparse.Namespace, requests: list[BenchRequest], res
                                                                                                   torch.bfloat16)
     config = AutoConfig.from_pretrained(args.config)
     attn = "paged|sdpa"
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn).to(device).eval()
+    with torch.device(device):  # random init on the device: on the CPU an 8B init takes minutes
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn).eval()
     gen = GenerationConfig(do_sample=False, max_new_tokens=max(r.output_len for r in requests), eos_token_id=-1,
                            pad_token_id=0)
     from transformers.generation.continuous_batching.utils import WorkloadHints
