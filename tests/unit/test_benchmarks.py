@@ -6,21 +6,41 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import make_tiny_model_dir
+
+
+def run_offline_throughput(model, out, *extra: str) -> dict:
+    subprocess.run([sys.executable, "benchmarks/offline_throughput.py", "--config", str(model), "--device", "cpu",
+                    "--dtype", "float32", "--output-json", str(out), *extra], check=True, timeout=600)
+    return json.loads(out.read_text())
 
 
 def test_offline_throughput_runs_both_engines(tmp_path):
     model = make_tiny_model_dir("LlamaForCausalLM", tmp_path / "m", with_tokenizer=False, vocab_size=49152)
-    out = tmp_path / "result.json"
-    subprocess.run([sys.executable, "benchmarks/offline_throughput.py", "--config", str(model), "--device", "cpu",
-                    "--dtype", "float32", "--num-prompts", "6", "--max-output-len", "4", "--output-json", str(out)],
-                   check=True, timeout=600)
-    rows = json.loads(out.read_text())
+    res = run_offline_throughput(model, tmp_path / "result.json", "--num-prompts", "6", "--max-output-len", "4")
+    rows, workload = res["results"], res["workload"]
+    assert workload["requests"] == 6 and workload["output_tokens"] == 6 * 4  # ShareGPT outputs are >= 4 tokens
     assert [r["engine"].split()[0] for r in rows] == ["gLLM", "transformers"]
     for r in rows:
-        assert r["requests"] == 6 and r["output_tokens"] > 0
-        assert r["total_tokens_per_s"] > r["output_tokens_per_s"] > 0
-    assert rows[0]["output_tokens"] == rows[1]["output_tokens"]  # same workload, ignore_eos
+        assert "error" not in r and r["note"] is None
+        assert r["requests"] == r["completed"] == 6 and r["output_tokens"] == 24  # ignore_eos: every token made
+        assert r["input_tokens"] == workload["prompt_tokens"]
+        assert r["total_tokens_per_s"] == pytest.approx((r["input_tokens"] + r["output_tokens"]) / r["seconds"])
+        assert r["requests_per_s"] == pytest.approx(6 / r["seconds"])
+
+
+def test_offline_throughput_reports_a_stopped_baseline_as_partial(tmp_path):
+    model = make_tiny_model_dir("LlamaForCausalLM", tmp_path / "m", with_tokenizer=False, vocab_size=49152)
+    res = run_offline_throughput(model, tmp_path / "result.json", "--engines", "transformers", "--num-prompts", "8",
+                                 "--num-prompts-transformers", "3", "--max-output-len", "64",
+                                 "--transformers-timeout", "0")
+    [row] = res["results"]
+    assert "error" not in row and row["note"].startswith("partial")
+    assert row["requests"] == 3 and row["completed"] == 0  # stopped before waiting for any result
+    assert row["output_tokens"] <= res["workload"]["output_tokens"]
+    assert row["output_tokens_per_s"] == pytest.approx(row["output_tokens"] / row["seconds"])
 
 
 def test_prefix_caching_benchmark_reports_hits(tmp_path):
