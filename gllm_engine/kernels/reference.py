@@ -124,3 +124,29 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    """Each token of `x` `[T, H]` through its top-k experts, summed with the routing weights: `[T, H]`.
+
+    w13 `[E, 2I, H]` holds each expert's gate rows then up rows, w2 `[E, H, I]` its down projection;
+    topk_ids `[T, k]` names the experts of each token and topk_weights `[T, k]` (float32) their weights.
+    Expert by expert over the tokens routed to it; the weighted sum is taken in float32.
+    """
+    num_tokens, top_k = topk_ids.shape
+    flat_ids = topk_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)  # pairs t * k + j, grouped by expert
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    pair_weights = topk_weights.reshape(-1).float()
+    out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        pairs = order[start:start + count]
+        start += count
+        rows = pairs // top_k
+        act = silu_and_mul(F.linear(x[rows], w13[expert]))  # [n, I]
+        out.index_add_(0, rows, F.linear(act, w2[expert]).float() * pair_weights[pairs, None])
+    return out.to(x.dtype)

@@ -5,12 +5,17 @@ from __future__ import annotations
 from torch import nn
 
 from gllm_engine.models.llama import LlamaForCausalLM
+from gllm_engine.models.mixtral import MixtralForCausalLM
+from gllm_engine.models.qwen_moe import QwenMoeForCausalLM
 
 _MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Qwen2MoeForCausalLM": QwenMoeForCausalLM,
+    "Qwen3MoeForCausalLM": QwenMoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
 }
 
 

@@ -1,0 +1,233 @@
+"""Check the Triton fused MoE against its torch reference at Qwen3-30B-A3B shapes, and time it against the roofline.
+
+    python benchmarks/moe_kernel.py [--batches 1 32 256] [--sweep]
+
+Shapes default to Qwen3-30B-A3B (128 experts, top-8, hidden 2048, expert intermediate 768, bfloat16).
+For each batch of T tokens (random router logits, softmax top-k, renormalised):
+  - checks `moe.fused_moe` against `reference.fused_moe` computed in float32 (allclose at 2e-2), eager
+    and replayed from a CUDA graph (as the engine runs decode steps), and prints both max errors;
+  - times it with triton.testing.do_bench (mean, L2 flushed between runs): eager, in a CUDA graph, the
+    expert sort alone in both implementations (the one-program Triton kernel `align_by_expert` uses up to
+    ALIGN_KERNEL_MAX_PAIRS pairs, and the torch sort beyond), and the torch reference;
+  - rates the CUDA-graph time: GB/s over the weights of the experts the batch touches, TFLOP/s over
+    6 * T * k * H * I, and the share of the roofline max(bytes / bandwidth, flops / peak) reached, for
+    the H100 SXM's datasheet (3.35 TB/s, 989 TFLOP/s dense bf16) and for what was measured on it
+    (3.0 TB/s copy, ~790 TFLOP/s bf16 matmul).
+`--sweep` also times a list of candidate tile configurations per batch and prints the fastest ones as
+`TUNED_TILES` lines for gllm_engine/kernels/moe.py. Exits 1 if any check fails.
+
+`--device cpu` runs the same checks in Triton's interpreter with wall-clock timing and no CUDA graphs,
+at toy shapes (e.g. --experts 8 --top-k 2 --hidden 64 --inter 32 --dtype float32), to try the script.
+The kernel modules are loaded from their files, so only torch and triton are needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+KERNELS_DIR = Path(__file__).resolve().parents[1] / "gllm_engine" / "kernels"
+ATOL = RTOL = 2e-2
+SPEC_BW, SPEC_FLOPS = 3.35e12, 989e12  # H100 SXM datasheet: HBM3 bandwidth, dense bf16 tensor-core peak
+MEASURED_BW, MEASURED_FLOPS = 3.0e12, 790e12  # measured on the same H100: copy bandwidth, bf16 matmul
+# Candidate tiles for --sweep: (block_m, block_n, block_k, group_m, num_warps, num_stages)
+SWEEP = [
+    (16, 32, 64, 1, 4, 4), (16, 32, 128, 1, 4, 4), (16, 64, 64, 1, 4, 4), (16, 64, 128, 1, 4, 4),
+    (16, 128, 64, 1, 4, 4), (16, 128, 128, 1, 4, 3), (16, 64, 256, 1, 4, 3), (32, 64, 64, 8, 4, 4),
+    (32, 64, 128, 8, 4, 3), (32, 128, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 3),
+    (64, 128, 64, 8, 8, 3), (64, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3),
+    (128, 128, 128, 8, 8, 2),
+]
+
+
+def load_kernels() -> tuple[ModuleType, ModuleType]:
+    """Import gllm_engine/kernels/{moe,reference}.py by path, without the engine package's own imports."""
+    mods = []
+    for name in ("moe", "reference"):
+        spec = importlib.util.spec_from_file_location(f"gllm_kernels_{name}", KERNELS_DIR / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        mods.append(module)
+    return mods[0], mods[1]
+
+
+def bench_us(fn: Callable[[], object], device: torch.device) -> float:
+    """Mean time of `fn` in µs: triton.testing.do_bench on CUDA, a wall-clock loop on the CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn) * 1e3
+    fn()
+    start, runs = time.perf_counter(), 0
+    while runs < 3 or time.perf_counter() - start < 0.2:
+        fn()
+        runs += 1
+    return (time.perf_counter() - start) / runs * 1e6
+
+
+@dataclass
+class Case:
+    x: torch.Tensor  # [T, H]
+    w13: torch.Tensor  # [E, 2I, H]
+    w2: torch.Tensor  # [E, H, I]
+    weights: torch.Tensor  # [T, k] float32
+    ids: torch.Tensor  # [T, k]
+    truth: torch.Tensor  # [T, H] float32: the reference on float32 copies
+
+
+def make_case(num_tokens: int, w13: torch.Tensor, w2: torch.Tensor, top_k: int, ref: ModuleType,
+              seed: int) -> Case:
+    gen = torch.Generator(device=w13.device).manual_seed(seed)
+    hidden, num_experts = w13.shape[2], w13.shape[0]
+    x = torch.randn(num_tokens, hidden, generator=gen, device=w13.device).to(w13.dtype)
+    logits = torch.randn(num_tokens, num_experts, generator=gen, device=w13.device)
+    weights, ids = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    truth = ref.fused_moe(x.float(), w13.float(), w2.float(), weights, ids)
+    return Case(x, w13, w2, weights, ids, truth)
+
+
+def check(out: torch.Tensor, truth: torch.Tensor) -> tuple[float, bool]:
+    a = out.float()
+    ok = a.shape == truth.shape and bool(torch.isfinite(a).all()) and torch.allclose(a, truth, atol=ATOL, rtol=RTOL)
+    return (a - truth).abs().max().item(), ok
+
+
+def capture(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """A CUDA graph of `fn` (run once before, to compile) and its static output."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def rates(case: Case, us: float) -> tuple[float, float, float, float]:
+    """GB/s over the touched experts' weights, TFLOP/s, % of the datasheet roofline and of the measured one."""
+    num_tokens, top_k = case.ids.shape
+    hidden, inter = case.w13.shape[2], case.w2.shape[2]
+    touched = case.ids.unique().numel()
+    num_bytes = touched * 3 * hidden * inter * case.w13.element_size()
+    flops = 6 * num_tokens * top_k * hidden * inter
+    seconds = us * 1e-6
+    spec = max(num_bytes / SPEC_BW, flops / SPEC_FLOPS) / seconds * 100
+    measured = max(num_bytes / MEASURED_BW, flops / MEASURED_FLOPS) / seconds * 100
+    return num_bytes / seconds / 1e9, flops / seconds / 1e12, spec, measured
+
+
+def run_batch(moe: ModuleType, ref: ModuleType, case: Case, device: torch.device) -> bool:
+    num_tokens, top_k = case.ids.shape
+    tiles = moe.moe_config(num_tokens, top_k, case.w13, case.x.dtype)
+    args = (case.x, case.w13, case.w2, case.weights, case.ids)
+    err, ok = check(moe.fused_moe(*args), case.truth)
+    ref_err, _ = check(ref.fused_moe(*args), case.truth)
+    us = bench_us(lambda: moe.fused_moe(*args), device)
+    num_experts = case.w13.shape[0]
+    align_kernel_us = bench_us(lambda: moe.align_by_expert_kernel(case.ids, num_experts, tiles.block_m), device)
+    align_sorted_us = bench_us(lambda: moe.align_by_expert_sorted(case.ids, num_experts, tiles.block_m), device)
+    ref_us = bench_us(lambda: ref.fused_moe(*args), device)
+    graph_us, graph_err = float("nan"), float("nan")
+    if device.type == "cuda":
+        graph, out = capture(lambda: moe.fused_moe(*args))
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        graph_err, graph_ok = check(out, case.truth)
+        ok = ok and graph_ok
+        graph_us = bench_us(graph.replay, device)
+    gbs, tflops, spec, measured = rates(case, graph_us if device.type == "cuda" else us)
+    touched = case.ids.unique().numel()
+    print(f"{num_tokens:>5d} {num_tokens * top_k:>6d} {touched:>7d} {err:9.2e} {graph_err:9.2e} {ref_err:9.2e} "
+          f"{'ok' if ok else 'FAIL':>4s} {us:9.1f} {graph_us:9.1f} {align_kernel_us:8.1f} {align_sorted_us:8.1f} "
+          f"{ref_us:9.1f} {gbs:8.1f} "
+          f"{tflops:7.2f} {spec:6.1f}% {measured:6.1f}%   {tuple(tiles)}", flush=True)
+    return ok
+
+
+def sweep_batch(moe: ModuleType, case: Case, device: torch.device) -> None:
+    """Time every SWEEP candidate that compiles and is correct; print the fastest three as table lines."""
+    num_tokens = case.ids.shape[0]
+    args = (case.x, case.w13, case.w2, case.weights, case.ids)
+    timed = []
+    for candidate in SWEEP:
+        tiles = moe.MoeTiles(*candidate)
+        try:
+            _, ok = check(moe.fused_moe(*args, tiles=tiles), case.truth)
+            if not ok:
+                print(f"  T={num_tokens} {candidate}: FAIL (does not match the reference)", flush=True)
+                continue
+            timed.append((bench_us(lambda t=tiles: moe.fused_moe(*args, tiles=t), device), tiles))
+        except Exception as exc:  # e.g. out of shared memory: skip the candidate
+            print(f"  T={num_tokens} {candidate}: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+    timed.sort(key=lambda item: item[0])
+    for us, tiles in timed[:3]:
+        print(f"  T={num_tokens:<5d} {us:9.1f} µs   ({num_tokens}, MoeTiles{tuple(tiles)}),", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
+    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--inter", type=int, default=768, help="expert intermediate size (per tensor-parallel rank)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--sweep", action="store_true", help="time candidate tiles per batch")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("moe_kernel needs a CUDA device (or --device cpu at toy shapes)")
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel module is loaded below
+    import triton
+
+    moe, ref = load_kernels()
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    e, h, i = args.experts, args.hidden, args.inter
+    # Scaled so every product stays O(1): errors are then comparable to the tolerance.
+    w13 = (torch.randn(e, 2 * i, h, generator=gen, device=device) / h**0.5).to(dtype)
+    w2 = (torch.randn(e, h, i, generator=gen, device=device) / i**0.5).to(dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
+    print(f"{name}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype}; "
+          f"E={e} top-{args.top_k} H={h} I={i}; rates and roofline from the CUDA-graph time; "
+          f"sortK/sortT: expert sort by the Triton kernel / by torch ops (eager)")
+    print(f"{'T':>5s} {'pairs':>6s} {'experts':>7s} {'err':>9s} {'graph err':>9s} {'ref err':>9s} {'chk':>4s} "
+          f"{'eager µs':>9s} {'graph µs':>9s} {'sortK µs':>8s} {'sortT µs':>8s} {'ref µs':>9s} {'GB/s':>8s} "
+          f"{'TFLOP/s':>7s} {'%spec':>7s} {'%meas':>7s}   tiles (m, n, k, group, warps, stages)")
+    failures = []
+    cases = {}
+    for batch, seed in zip(args.batches, itertools.count(1)):
+        try:
+            cases[batch] = make_case(batch, w13, w2, args.top_k, ref, seed)
+            if not run_batch(moe, ref, cases[batch], device):
+                failures.append(batch)
+        except Exception as exc:  # report and go on: one broken batch must not hide the others
+            print(f"T={batch}: ERROR {type(exc).__name__}: {exc}", flush=True)
+            traceback.print_exc()
+            failures.append(batch)
+    if args.sweep:
+        print(f"\nsweep: fastest tiles per batch; key ({name!r}, {e}, {h}, {i}, torch.{args.dtype})")
+        for case in cases.values():
+            sweep_batch(moe, case, device)
+    print(f"\n{len(args.batches) - len(failures)}/{len(args.batches)} batches ok"
+          + (f"; failed: T={failures}" if failures else ""))
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Tiny random MoE models (Qwen2-MoE, Qwen3-MoE, Mixtral) against transformers, on the CPU in float32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+from gllm_engine import LLM, SamplingParams
+from gllm_engine.kernels import reference
+from gllm_engine.layers.attention import AttentionMetadata
+from gllm_engine.layers.moe import FusedMoE, select_experts
+from gllm_engine.layers.parallel import TPLayout
+from gllm_engine.models.mixtral import MixtralForCausalLM
+from gllm_engine.models.qwen_moe import QwenMoeForCausalLM
+
+SHAPE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=300,
+             max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+# architecture -> (config class, our class, config values): a shared expert and q/k/v bias (Qwen2-MoE),
+# a dense layer amid sparse ones and renormalised top-k with qk-norm (Qwen3-MoE), Mixtral's names.
+TINY = {
+    "Qwen2MoeForCausalLM": (Qwen2MoeConfig, QwenMoeForCausalLM, dict(
+        num_hidden_layers=2, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, intermediate_size=96, norm_topk_prob=False)),
+    "Qwen3MoeForCausalLM": (Qwen3MoeConfig, QwenMoeForCausalLM, dict(
+        num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+        intermediate_size=96, norm_topk_prob=True, mlp_only_layers=[1])),
+    "MixtralForCausalLM": (MixtralConfig, MixtralForCausalLM, dict(
+        num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)),
+}
+GREEDY_32 = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+BLOCK_SIZE, MAX_BLOCKS = 4, 16  # per sequence, in the hand-built caches
+
+
+def make_moe_dir(arch: str, path: Path, seed: int = 0, **overrides) -> Path:
+    config_cls, _, values = TINY[arch]
+    config = config_cls(**{**SHAPE, **values, "architectures": [arch], **overrides})
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module", params=list(TINY))
+def tiny(request, tmp_path_factory):
+    """(architecture, model dir, transformers model) for one architecture."""
+    arch = request.param
+    path = make_moe_dir(arch, tmp_path_factory.mktemp(arch))
+    return arch, path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def load_ours(arch: str, path: Path, num_seqs: int):
+    """Our model built directly, loaded from the checkpoint, with caches for `num_seqs` sequences."""
+    hf_config = AutoConfig.from_pretrained(path)
+    model = TINY[arch][1](hf_config, max_positions=hf_config.max_position_embeddings, architecture=arch).eval()
+    loaded = model.load_weights(load_file(str(path / "model.safetensors")).items())
+    assert loaded == {name for name, _ in model.named_parameters()}
+    for attn in model.attention_layers():
+        shape = (num_seqs * MAX_BLOCKS, BLOCK_SIZE, attn.num_kv_heads, attn.head_dim)
+        attn.k_cache, attn.v_cache = torch.zeros(shape), torch.zeros(shape)
+    return model
+
+
+def step_inputs(seqs: list[list[int]], chunks: list[tuple[int, int, int]]):
+    """Input ids, positions and metadata of one step; chunks are (sequence, first position, tokens), decodes first.
+
+    Sequence s owns cache blocks `[s * MAX_BLOCKS, (s + 1) * MAX_BLOCKS)`.
+    """
+    ids, positions, slots, q_lens, seq_lens, tables = [], [], [], [], [], []
+    for s, start, n in chunks:
+        ids += seqs[s][start:start + n]
+        positions += range(start, start + n)
+        slots += [s * MAX_BLOCKS * BLOCK_SIZE + p for p in range(start, start + n)]
+        q_lens.append(n)
+        seq_lens.append(start + n)
+        tables.append(list(range(s * MAX_BLOCKS, (s + 1) * MAX_BLOCKS)))
+    num_decodes = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots), query_start_loc=cu, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=torch.tensor(tables, dtype=torch.int32), num_decodes=num_decodes, max_query_len=max(q_lens),
+        prefill_query_start_loc=cu[num_decodes:] - cu[num_decodes] if num_decodes < len(q_lens) else None)
+    return torch.tensor(ids), torch.tensor(positions), meta
+
+
+def random_prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (4 + (11 * i) % 23,), generator=g).tolist() for i in range(n)]
+
+
+def test_logits_match_transformers_through_chunked_and_mixed_steps(tiny):
+    arch, path, hf = tiny
+    model = load_ours(arch, path, num_seqs=3)
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (22, 11, 31)]
+    # Two prefills; a decode beside a prefill chunk continuing a cached one and a fresh prompt; three decodes.
+    steps = [[(0, 0, 12), (1, 0, 9)], [(1, 9, 1), (0, 12, 9), (2, 0, 30)], [(0, 21, 1), (1, 10, 1), (2, 30, 1)]]
+    ours: dict[int, list[torch.Tensor]] = {0: [], 1: [], 2: []}
+    with torch.no_grad():
+        for chunks in steps:
+            logits = model.compute_logits(model(*step_inputs(seqs, chunks)))
+            start = 0
+            for s, _, n in chunks:
+                ours[s].append(logits[start:start + n])
+                start += n
+        for s, seq in enumerate(seqs):
+            ref = hf(torch.tensor([seq])).logits[0]
+            got = torch.cat(ours[s])
+            rel = ((got - ref).abs().max() / ref.abs().max()).item()
+            assert rel < 1e-4, f"{arch} sequence {s}: relative logit error {rel}"
+
+
+def test_stacked_expert_tensors_load_like_per_expert_ones(tiny):
+    """transformers' in-memory layout (all experts of a layer in one tensor) loads to the same parameters."""
+    arch, path, hf = tiny
+    from_file = load_ours(arch, path, num_seqs=1)
+    hf_config = hf.config
+    from_memory = TINY[arch][1](hf_config, max_positions=hf_config.max_position_embeddings, architecture=arch)
+    state = hf.state_dict()
+    assert any(name.endswith("experts.gate_up_proj") for name in state)
+    assert from_memory.load_weights(state.items()) == {name for name, _ in from_memory.named_parameters()}
+    expected = dict(from_file.named_parameters())
+    for name, param in from_memory.named_parameters():
+        assert torch.equal(param, expected[name]), name
+
+
+def test_sparse_layers_follow_decoder_sparse_step_and_mlp_only_layers(tmp_path):
+    path = make_moe_dir("Qwen3MoeForCausalLM", tmp_path, num_hidden_layers=6, decoder_sparse_step=2,
+                        mlp_only_layers=[3])
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ours = load_ours("Qwen3MoeForCausalLM", path, num_seqs=1)
+    hf_sparse = [hasattr(layer.mlp, "experts") for layer in hf.model.layers]
+    assert [hasattr(layer.mlp, "experts") for layer in ours.model.layers] == hf_sparse
+    assert hf_sparse == [False, True, False, False, False, True]
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_select_experts_is_softmax_top_k(renormalize):
+    logits = torch.randn(9, 6, generator=torch.Generator().manual_seed(2))
+    weights, ids = select_experts(logits, 2, renormalize)
+    probs = logits.softmax(-1)
+    assert torch.equal(ids, probs.argsort(-1, descending=True)[:, :2])
+    expected = probs.gather(1, ids)
+    if renormalize:
+        expected = expected / expected.sum(-1, keepdim=True)
+    torch.testing.assert_close(weights, expected)
+
+
+def test_tensor_parallel_expert_shards_sum_to_the_full_layer():
+    """Each rank's slice of the intermediate dimension gives a partial output; the all-reduce sum is exact."""
+    g = torch.Generator().manual_seed(3)
+    num_experts, hidden, inter = 4, 16, 12
+    gate = torch.randn(num_experts, inter, hidden, generator=g)
+    up = torch.randn(num_experts, inter, hidden, generator=g)
+    down = torch.randn(num_experts, hidden, inter, generator=g)
+    x, router_logits = torch.randn(7, hidden, generator=g), torch.randn(7, num_experts, generator=g)
+
+    def layer(tp: TPLayout) -> FusedMoE:
+        moe = FusedMoE(num_experts, 2, hidden, inter, renormalize=True, tp=tp)
+        for e in range(num_experts):
+            for param, shard, tensor in ((moe.w13, "w1", gate), (moe.w13, "w3", up), (moe.w2, "w2", down)):
+                param.weight_loader(param, tensor[e], (e, shard))
+        return moe
+
+    full = layer(TPLayout())
+    weights, ids = select_experts(router_logits, 2, True)
+    partial = [reference.fused_moe(x, m.w13, m.w2, weights, ids) for m in (layer(TPLayout(r, 2)) for r in range(2))]
+    assert partial[0].abs().sum() > 0 and partial[1].abs().sum() > 0
+    torch.testing.assert_close(partial[0] + partial[1], full(x, router_logits))
+
+
+# ---- through the engine ------------------------------------------------------------------------------
+
+
+def engine(path: Path, **kw) -> LLM:
+    return LLM(str(path), device="cpu", dtype="float32", skip_tokenizer_init=True, show_progress=False, **kw)
+
+
+def hf_greedy(hf, prompt: list[int], steps: int) -> list[int]:
+    """Argmax continuation by full recomputation (no EOS handling: the engine runs with ignore_eos)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, hf(ids).logits[0, -1].argmax().view(1, 1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def token_ids(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY_32)]
+
+
+def test_greedy_tokens_match_transformers_alone_and_in_a_mixed_batch(tiny):
+    arch, path, hf = tiny
+    prompts = random_prompts(4, hf.config.vocab_size, seed=4)
+    expected = [hf_greedy(hf, p, 32) for p in prompts]
+    assert token_ids(engine(path), prompts[:1]) == expected[:1], arch
+    # 12-token budget: prompts arrive in chunks beside other requests' decodes.
+    mixed = engine(path, max_num_batched_tokens=12, max_num_seqs=4)
+    assert token_ids(mixed, prompts) == expected, arch
+    assert mixed.engine.kv_cache.num_free_blocks == mixed.engine.kv_cache.pool.num_blocks
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("arch,tp,pp", [("Qwen2MoeForCausalLM", 2, 1), ("Qwen3MoeForCausalLM", 1, 2)])
+def test_parallel_layouts_match_single_process(arch, tp, pp, tmp_path):
+    """tp splits every expert (and the shared expert); pp gives each stage only its layers' experts."""
+    path = make_moe_dir(arch, tmp_path, num_hidden_layers=4)
+    prompts = random_prompts(3, 300, seed=5)
+    single = token_ids(engine(path), prompts)
+    llm = engine(path, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    try:
+        assert token_ids(llm, prompts) == single
+    finally:
+        llm.engine.shutdown()
