@@ -200,17 +200,3 @@ def test_greedy_tokens_match_transformers_alone_and_in_a_mixed_batch(tiny):
     mixed = engine(path, max_num_batched_tokens=12, max_num_seqs=4)
     assert token_ids(mixed, prompts) == expected, arch
     assert mixed.engine.kv_cache.num_free_blocks == mixed.engine.kv_cache.pool.num_blocks
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("arch,tp,pp", [("Qwen2MoeForCausalLM", 2, 1), ("Qwen3MoeForCausalLM", 1, 2)])
-def test_parallel_layouts_match_single_process(arch, tp, pp, tmp_path):
-    """tp splits every expert (and the shared expert); pp gives each stage only its layers' experts."""
-    path = make_moe_dir(arch, tmp_path, num_hidden_layers=4)
-    prompts = random_prompts(3, 300, seed=5)
-    single = token_ids(engine(path), prompts)
-    llm = engine(path, tensor_parallel_size=tp, pipeline_parallel_size=pp)
-    try:
-        assert token_ids(llm, prompts) == single
-    finally:
-        llm.engine.shutdown()
