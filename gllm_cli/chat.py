@@ -6,8 +6,8 @@ Both ways share the REPL and its rendering; only where the tokens come from diff
 import itertools
 import json
 from collections.abc import Iterator
-from dataclasses import fields
-from typing import Annotated, Protocol
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import typer
 from rich.console import Console
@@ -16,8 +16,11 @@ from gllm_cli.errors import friendly_errors
 from gllm_cli.options import with_engine_options
 from gllm_engine.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from gllm_engine.config import EngineConfig
+
 HELP = "Commands: /system TEXT, /reset, /params key=value ..., /exit (or Ctrl-D). Ctrl-C stops an answer."
-_PARAM_TYPES = {f.name: f.type for f in fields(SamplingParams)}
+_PARAMS = {f.name for f in fields(SamplingParams)} - {"output_kind", "eos_token_ids"}  # what users may set
 
 
 class Backend(Protocol):
@@ -28,10 +31,12 @@ class Backend(Protocol):
 class LocalBackend:
     """The engine in this process, stepped on this thread."""
 
-    def __init__(self, config):
+    def __init__(self, config: "EngineConfig"):
         from gllm_engine.core.engine_core import EngineCore
 
         self.engine = EngineCore(config)
+        if self.engine.tokenizer is None:
+            raise ValueError(f"{config.model.name} has no tokenizer, so it cannot chat")
         self._ids = itertools.count()
 
     def stream(self, messages: list[dict], params: dict) -> Iterator[str]:
@@ -63,25 +68,49 @@ class RemoteBackend:
         import httpx
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=None)
-        self.model = model or self.client.get("/models").raise_for_status().json()["data"][0]["id"]
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=None)
+        if model is None:
+            try:
+                response = self.client.get("/models")
+            except httpx.HTTPError as e:
+                raise ValueError(f"cannot reach {self.url}: {e}") from None
+            self.model = _checked(response).json()["data"][0]["id"]
+        else:
+            self.model = model
 
     def stream(self, messages: list[dict], params: dict) -> Iterator[str]:
+        import httpx
+
         body = {"model": self.model, "messages": messages, "stream": True, **params}
-        with self.client.stream("POST", "/chat/completions", json=body) as response:
-            if response.status_code != 200:
-                response.read()
-                raise ValueError(response.json().get("error", {}).get("message", response.text))
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    raise ValueError(event["error"]["message"])
-                for choice in event.get("choices", []):
-                    delta = choice.get("delta", {}).get("content")
-                    if delta:
-                        yield delta
+        try:
+            with self.client.stream("POST", "/chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    response.read()
+                    _checked(response)
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        raise ValueError(event["error"]["message"])
+                    for choice in event.get("choices", []):
+                        delta = choice.get("delta", {}).get("content")
+                        if delta:
+                            yield delta
+        except httpx.HTTPError as e:
+            raise ValueError(f"lost the connection to {self.url}: {e}") from None
+
+
+def _checked(response) -> Any:
+    """`response` if it is a success; otherwise ValueError with the server's error message."""
+    if response.is_success:
+        return response
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text[:200]
+    raise ValueError(f"the server answered {response.status_code}: {message}")
 
 
 def parse_params(words: list[str], current: dict) -> dict:
@@ -89,19 +118,56 @@ def parse_params(words: list[str], current: dict) -> dict:
     updated = dict(current)
     for word in words:
         key, sep, raw = word.partition("=")
-        if not sep or key not in _PARAM_TYPES:
+        if not sep or key not in _PARAMS:
             raise ValueError(f"unknown parameter {key!r}; use key=value with SamplingParams names "
                              f"(temperature, top_p, top_k, max_tokens, seed, ...)")
-        updated[key] = json.loads(raw) if raw not in ("", "None") else None
-    SamplingParams(**updated)
+        try:
+            updated[key] = json.loads(raw) if raw not in ("", "None", "null") else None
+        except json.JSONDecodeError:
+            raise ValueError(f"{key}: {raw!r} is not a number, true/false or a quoted string") from None
+    try:
+        SamplingParams(**updated)
+    except TypeError:  # a value of the wrong type, e.g. temperature="hot"
+        raise ValueError(f"wrong type among {', '.join(f'{k}={v!r}' for k, v in updated.items())}") from None
     return updated
+
+
+@dataclass
+class Conversation:
+    """What the REPL remembers: sampling parameters, the system prompt and the turns so far."""
+
+    params: dict
+    system: str | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def messages(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    def command(self, line: str) -> str | None:
+        """Apply one slash command; returns the note to show (markup-free), or None for /exit."""
+        command, _, rest = line.strip().partition(" ")
+        rest = rest.strip()
+        if command == "/exit":
+            return None
+        if command == "/reset":
+            self.history.clear()
+            return "(conversation cleared)"
+        if command == "/system":
+            self.system = rest or None
+            return f"(system prompt {'set' if self.system else 'cleared'})"
+        if command == "/params":
+            try:
+                self.params = parse_params(rest.split(), self.params)
+            except ValueError as e:
+                return f"error: {e}"
+            return ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"unknown command {command}. {HELP}"
 
 
 def run_repl(backend: Backend, console: Console, params: dict) -> None:
     """Read questions, stream answers, keep the conversation, handle the slash commands."""
-    system: str | None = None
-    history: list[dict] = []
-    console.print(f"[dim]{HELP}[/]")
+    chat = Conversation(params)
+    console.print(HELP, style="dim", markup=False)
     while True:
         try:
             line = console.input("[bold green]>>> [/]").strip()
@@ -114,30 +180,16 @@ def run_repl(backend: Backend, console: Console, params: dict) -> None:
         if not line:
             continue
         if line.startswith("/"):
-            command, _, rest = line.partition(" ")
-            if command == "/exit":
+            note = chat.command(line)
+            if note is None:
                 return
-            if command == "/reset":
-                history.clear()
-                console.print("[dim](conversation cleared)[/]")
-            elif command == "/system":
-                system = rest or None
-                console.print(f"[dim](system prompt {'set' if system else 'cleared'})[/]")
-            elif command == "/params":
-                try:
-                    params = parse_params(rest.split(), params)
-                    console.print(f"[dim]{params}[/]")
-                except (ValueError, json.JSONDecodeError) as e:
-                    console.print(f"[red]error:[/] {e}")
-            else:
-                console.print(f"[red]unknown command {command}[/]. {HELP}")
+            console.print(note, style="red" if note.startswith(("error", "unknown")) else "dim", markup=False)
             continue
-        history.append({"role": "user", "content": line})
-        messages = ([{"role": "system", "content": system}] if system else []) + history
+        chat.history.append({"role": "user", "content": line})
         answer: list[str] = []
         stream = None
         try:
-            stream = backend.stream(messages, params)
+            stream = backend.stream(chat.messages(), chat.params)
             for delta in stream:
                 answer.append(delta)
                 console.print(delta, end="", markup=False, highlight=False)
@@ -145,12 +197,12 @@ def run_repl(backend: Backend, console: Console, params: dict) -> None:
         except KeyboardInterrupt:
             if stream is not None:
                 stream.close()
-            console.print("\n[dim](stopped)[/]")
+            console.print("\n(stopped)", style="dim", markup=False)
         except ValueError as e:
-            console.print(f"\n[red]error:[/] {e}")
-            history.pop()
+            console.print(f"\nerror: {e}", style="red", markup=False)
+            chat.history.pop()
             continue
-        history.append({"role": "assistant", "content": "".join(answer)})
+        chat.history.append({"role": "assistant", "content": "".join(answer)})
 
 
 @friendly_errors

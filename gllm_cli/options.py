@@ -68,6 +68,17 @@ ENGINE_OPTIONS: dict[str, tuple[Any, Any, str]] = {
 }
 
 
+def _flag(name: str) -> str:
+    """The long CLI flag of an engine option, e.g. "--tensor-parallel-size"."""
+    info = ENGINE_OPTIONS[name][0].__metadata__[0]
+    decls = [d.split("/")[0] for d in info.param_decls] or [f"--{name.replace('_', '-')}"]
+    return max(decls, key=len)
+
+
+# EngineConfig.create keyword -> the flag that sets it, to name flags in configuration errors
+FLAGS: dict[str, str] = {kwarg: _flag(name) for name, (_, _, kwarg) in ENGINE_OPTIONS.items()}
+
+
 def _engine_kwargs(values: dict[str, Any]) -> dict[str, Any]:
     kwargs = {ENGINE_OPTIONS[name][2]: value for name, value in values.items()}
     split = kwargs.get("pp_layer_split")
@@ -81,7 +92,7 @@ def _engine_kwargs(values: dict[str, Any]) -> dict[str, Any]:
 
 def with_engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Give `command(..., engine_kwargs)` the shared engine options as its own CLI options."""
-    sig = inspect.signature(command)
+    sig = inspect.signature(command, eval_str=True)  # also for modules with postponed annotations
     own = [p for name, p in sig.parameters.items() if name != "engine_kwargs"]
     extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
              for name, (annotation, default, _) in ENGINE_OPTIONS.items()]

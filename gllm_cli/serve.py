@@ -4,6 +4,7 @@ import logging
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Annotated
 
@@ -33,6 +34,7 @@ def serve(
                                                              rich_help_panel=SERVER)] = None,
     shutdown_grace: Annotated[float, typer.Option(help="Seconds running requests get to finish on SIGINT/SIGTERM.",
                                                   rich_help_panel=SERVER)] = 10.0,
+    access_log: Annotated[bool, typer.Option(help="Log a line per HTTP request.", rich_help_panel=SERVER)] = True,
     *,
     engine_kwargs: dict,
 ) -> None:
@@ -57,9 +59,10 @@ def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     try:
-        uvicorn.run(server.app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_grace)
+        uvicorn.run(server.app, host=host, port=port, log_level="info", access_log=access_log,
+                    timeout_graceful_shutdown=shutdown_grace)
     finally:
-        llm.shutdown(grace_s=shutdown_grace)
+        llm.shutdown(grace_s=0)  # uvicorn already gave the requests in flight their grace period
 
 
 def _read_template(value: str | None) -> str | None:
@@ -71,27 +74,32 @@ def _read_template(value: str | None) -> str | None:
     return path.read_text() if path.is_file() else value
 
 
-def spawn_server(*args: str) -> tuple[subprocess.Popen, str]:
+def spawn_server(*args: str, timeout_s: float = 300.0) -> tuple[subprocess.Popen, str]:
     """`gllm serve ARGS` (CPU unless --device is given) on a free local port, as a child process.
 
-    Returns the process and its base URL once /health answers.
+    Returns the process and its base URL once /health answers; if the server exits first, the
+    RuntimeError carries the end of its log.
     """
     from gllm_engine.executor.launcher import free_port
 
     port = free_port()
     if "--device" not in args:
         args = ("--device", "cpu", *args)
+    log = tempfile.TemporaryFile()  # the child keeps writing to it after we let go of it
     proc = subprocess.Popen([sys.executable, "-m", "gllm_cli.main", "serve", "--port", str(port), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.3)
+    deadline = time.monotonic() + timeout_s
+    with log:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                log.seek(0)
+                tail = log.read().decode(errors="replace").strip().splitlines()[-15:]
+                raise RuntimeError(f"server exited with code {proc.returncode}:\n" + "\n".join(tail))
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    return proc, url
+            except httpx.HTTPError:
+                time.sleep(0.3)
     proc.kill()
-    raise RuntimeError("server did not start within 300 s")
+    raise RuntimeError(f"server did not start within {timeout_s:.0f} s")

@@ -70,4 +70,4 @@ def test_bad_option_is_one_line():
     child.close()
     out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", child.before).strip()
     assert child.exitstatus == 2 and "Traceback" not in out
-    assert out.splitlines() == ["error: device must be 'auto', 'cpu' or 'cuda[:N]', got 'tpu'"]
+    assert out.splitlines() == ["error: --device must be 'auto', 'cpu' or 'cuda[:N]', got 'tpu'"]

@@ -10,6 +10,7 @@ import time
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gllm_cli.serve import spawn_server as start_server
 
@@ -18,11 +19,17 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def server():
+def server_proc():
     proc, url = start_server("--api-key", API_KEY)
-    yield url
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=30)
+    yield proc, url
+    if proc.poll() is None:  # the last test stops it itself
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+
+
+@pytest.fixture(scope="module")
+def server(server_proc):
+    return server_proc[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +49,12 @@ def post(url: str, path: str, body, key: str | None = API_KEY) -> httpx.Response
                       timeout=120)
 
 
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
+def metric(url: str, name: str, **labels: str) -> float:
+    """One sample of the server's /metrics (labels beyond model_name must match those given)."""
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
     raise KeyError(name)
 
 
@@ -141,32 +150,69 @@ def test_disconnect_mid_stream_returns_every_block(server):
     assert metric(server, "gllm:num_requests_running") == 0
 
 
+def test_client_leaving_a_non_streaming_request_aborts_it(server):
+    total = metric(server, "gllm:kv_cache_total_blocks")
+    aborted = metric(server, "gllm:request_success_total", finished_reason="abort")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/completions", json={"prompt": "Tell me a story", "max_tokens": 2000,
+                                                     "ignore_eos": True},
+                   headers={"Authorization": f"Bearer {API_KEY}"}, timeout=1.5)
+    deadline = time.monotonic() + 30
+    while metric(server, "gllm:kv_cache_free_blocks") != total and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(server, "gllm:kv_cache_free_blocks") == total
+    assert metric(server, "gllm:request_success_total", finished_reason="abort") == aborted + 1
+
+
 def test_32_concurrent_streams_finish_with_exact_usage(server, model):
-    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[int, int]:
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[int, int, int, int]:
+        messages = [{"role": "user", "content": f"Count to {i}."}]
         stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=8, temperature=0,
-            stream=True, stream_options={"include_usage": True})
-        deltas, usage = 0, None
+            model=model, messages=messages, max_tokens=8, temperature=0, logprobs=True, stream=True,
+            stream_options={"include_usage": True})
+        tokens, usage = 0, None
         async for chunk in stream:
             if chunk.usage is not None:
                 usage = chunk.usage
-            deltas += sum(1 for c in chunk.choices if c.delta.content)
-        return usage.completion_tokens, usage.prompt_tokens
+            tokens += sum(len(c.logprobs.content) for c in chunk.choices if c.logprobs is not None)
+        prompt = (await client.post("/../tokenize", body={"messages": messages}, cast_to=httpx.Response)).json()
+        return usage.completion_tokens, tokens, usage.prompt_tokens, prompt["count"]
 
     async def main():
         async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=API_KEY) as client:
             return await asyncio.gather(*(one(client, i) for i in range(32)))
 
+    before = metric(server, "gllm:e2e_request_latency_seconds_count")
     results = asyncio.run(main())
-    assert len(results) == 32 and all(0 < c <= 8 and p > 0 for c, p in results)
-    assert metric(server, "gllm:e2e_request_latency_seconds_count") >= 32
+    assert len(results) == 32
+    for completion, streamed, prompt, tokenized in results:
+        assert 0 < completion == streamed <= 8 and prompt == tokenized
+    assert metric(server, "gllm:e2e_request_latency_seconds_count") == before + 32
+    assert metric(server, "gllm:time_to_first_token_seconds_count") >= 32
+    assert metric(server, "gllm:generation_tokens_total") >= sum(r[0] for r in results)
 
 
-def test_full_waiting_queue_answers_429_and_sigterm_exits_cleanly():
+def test_full_waiting_queue_answers_429():
     proc, url = start_server("--max-waiting-requests", "0")
     try:
         r = post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2}, key=None)
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
     finally:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C stops it as cleanly as SIGTERM
         assert proc.wait(timeout=60) == 0
+
+
+def test_sigterm_lets_the_stream_in_flight_finish(server_proc):  # last: it stops the module's server
+    proc, url = server_proc
+    body = {"prompt": "Once upon a time", "max_tokens": 16, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                      timeout=60) as r:
+        lines = r.iter_lines()
+        events = [next(line for line in lines if line.startswith("data: "))]
+        proc.send_signal(signal.SIGTERM)
+        events += [line for line in lines if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert proc.wait(timeout=60) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health")
