@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -56,3 +57,14 @@ class StepGate:
 
     def open(self) -> None:
         self.opened.set()
+
+
+def slow_down_steps(llm: AsyncLLM, seconds: float) -> None:
+    """Make every engine step of `llm` take at least `seconds` longer (to outlast a deadline)."""
+    step = llm.engine.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+
+    llm.engine.step = slow_step

@@ -10,7 +10,7 @@ import pytest
 from gllm_engine.entrypoints.async_llm import EngineStepError, EngineUnavailableError, QueueFullError
 from gllm_engine.executor.comm import RankDiedError
 from gllm_engine.sampling_params import SamplingParams
-from tests.server.conftest import StepGate
+from tests.server.conftest import StepGate, slow_down_steps
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
@@ -137,6 +137,9 @@ def test_duplicate_request_id_and_rejected_prompt(make_llm):
 
 def test_shutdown_lets_requests_finish_then_aborts_the_rest(make_llm):
     llm = make_llm()
+    # 10 ms a step: "short" (8 tokens) ends well inside the 1 s grace, "endless" (up to the
+    # context, 500 tokens) cannot, however fast the machine.
+    slow_down_steps(llm, 0.01)
 
     async def main():
         short = asyncio.create_task(collect(llm, [1, 2, 3], "short"))
