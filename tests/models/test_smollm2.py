@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from gllm_engine.loader.default_model import default_model_path
-from gllm_engine.loader.tokenizer import apply_chat_template
 from transformers import AutoModelForCausalLM
 
 from gllm_engine import LLM, SamplingParams
+from gllm_engine.loader.default_model import default_model_path
+from gllm_engine.loader.tokenizer import apply_chat_template
 
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "Write a haiku about the sea."]
 
