@@ -1,11 +1,11 @@
-"""Tensor and pipeline parallelism on the CPU (gloo): same greedy tokens as one process, dead ranks reported."""
+"""Tensor and pipeline parallelism on the CPU (gloo): same greedy tokens as one process, dead ranks reported.
+
+Multi-node runs are in test_multinode.py."""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -15,7 +15,6 @@ from transformers import AutoModelForCausalLM
 
 from gllm_engine import LLM, SamplingParams
 from gllm_engine.executor.comm import RankDiedError
-from gllm_engine.executor.launcher import free_port
 from tests.helpers import make_tiny_model_dir
 
 pytestmark = pytest.mark.distributed
@@ -78,39 +77,3 @@ def test_a_killed_rank_is_reported_and_everything_stops(tmp_path, tp, pp):
     assert not any(p.is_alive() for p in llm.engine.executor.procs.procs.values())
     kv = llm.engine.kv_cache
     assert kv.num_free_blocks == kv.pool.num_blocks and not llm.engine.has_unfinished_requests()
-
-
-def _start_node(path, port: int, node_rank: int, **layout) -> subprocess.Popen:
-    """Another 'node' on this machine: a process that runs its share of the ranks."""
-    kwargs = dict(device="cpu", skip_tokenizer_init=True, nnodes=2, node_rank=node_rank, master_port=port, **layout)
-    code = ("from gllm_engine.config import EngineConfig\n"
-            "from gllm_engine.executor.executor import serve_node\n"
-            f"serve_node(EngineConfig.create({str(path)!r}, **{kwargs!r}))\n")
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def test_two_nodes_over_loopback(tmp_path):
-    path = make_tiny_model_dir("LlamaForCausalLM", tmp_path, with_tokenizer=False, num_hidden_layers=4)
-    single = greedy_tokens(engine(path))
-    port = free_port()
-    node1 = _start_node(path, port, 1, tensor_parallel_size=2)
-    try:
-        llm = engine(path, tensor_parallel_size=2, nnodes=2, node_rank=0, master_port=port)
-        assert greedy_tokens(llm) == single
-        llm.engine.shutdown()
-        assert node1.wait(timeout=60) == 0, node1.stdout.read()
-    finally:
-        node1.kill()
-
-
-def test_nodes_that_disagree_fail_with_a_clear_error(tmp_path):
-    path = make_tiny_model_dir("LlamaForCausalLM", tmp_path, with_tokenizer=False, num_hidden_layers=4)
-    port = free_port()
-    node1 = _start_node(path, port, 1, pipeline_parallel_size=2)  # node 0 says tensor parallel
-    try:
-        with pytest.raises(RuntimeError, match="every node needs the same options"):
-            engine(path, tensor_parallel_size=2, nnodes=2, node_rank=0, master_port=port)
-        node1.wait(timeout=60)
-        assert "every node needs the same options" in node1.stdout.read()
-    finally:
-        node1.kill()
