@@ -77,3 +77,16 @@ def test_a_killed_rank_is_reported_and_everything_stops(tmp_path, tp, pp):
     assert not any(p.is_alive() for p in llm.engine.executor.procs.procs.values())
     kv = llm.engine.kv_cache
     assert kv.num_free_blocks == kv.pool.num_blocks and not llm.engine.has_unfinished_requests()
+
+
+def test_one_rank_builds_none_of_the_parallel_machinery(tmp_path, monkeypatch):
+    """tp=1, pp=1: no process group, no spawned rank, no collective, no micro-batch pipelining."""
+    path = make_tiny_model_dir("LlamaForCausalLM", tmp_path, with_tokenizer=False)
+    calls = []
+    for name in ("init_process_group", "all_reduce", "all_gather", "isend", "recv"):
+        monkeypatch.setattr(torch.distributed, name, lambda *a, _name=name, **k: calls.append(_name))
+    llm = engine(path, tensor_parallel_size=1, pipeline_parallel_size=1)
+    greedy_tokens(llm)
+    assert type(llm.engine.executor).__name__ == "UniprocExecutor"
+    assert llm.engine.max_in_flight == 1 and llm.engine.config.scheduler.schedule_method == "chunked_prefill"
+    assert calls == [] and not torch.distributed.is_initialized()
