@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gllm_cli.datasets import BenchRequest, load_requests, read_sharegpt, sample_sharegpt, save_requests
+from gllm_cli.metrics import throughput
 
 ENGINES = ("gllm", "transformers")
 TRANSFORMERS_ATTN = "paged|sdpa"
@@ -45,6 +46,7 @@ TRANSFORMERS_H100_REFERENCE = ("for scale: transformers 5.17 did 2.65 req/s (1,1
                                "on an H100")
 
 Row = dict[str, Any]
+Runner = Callable[[argparse.Namespace, list[BenchRequest], Callable[[Row], None]], None]
 
 
 def sharegpt_requests(num: int, seed: int) -> list[BenchRequest]:
@@ -56,12 +58,12 @@ def sharegpt_requests(num: int, seed: int) -> list[BenchRequest]:
     return sample_sharegpt(data.records, load_tokenizer(default_model_path()), num, seed=seed)
 
 
-def _row(engine: str, requests: list[BenchRequest], seconds: float, completed: int, input_tokens: int,
+def throughput_row(engine: str, requests: list[BenchRequest], seconds: float, completed: int, input_tokens: int,
          output_tokens: int, note: str | None = None) -> Row:
+    rates = throughput(seconds, completed, input_tokens, output_tokens)
     return dict(engine=engine, requests=len(requests), completed=completed, seconds=seconds,
-                input_tokens=input_tokens, output_tokens=output_tokens,
-                requests_per_s=completed / seconds, output_tokens_per_s=output_tokens / seconds,
-                total_tokens_per_s=(input_tokens + output_tokens) / seconds, note=note)
+                input_tokens=input_tokens, output_tokens=output_tokens, requests_per_s=rates.requests_per_s,
+                output_tokens_per_s=rates.output_tokens_per_s, total_tokens_per_s=rates.total_tokens_per_s, note=note)
 
 
 def warmup_requests(requests: list[BenchRequest]) -> list[BenchRequest]:
@@ -83,12 +85,12 @@ def run_gllm(args: argparse.Namespace, requests: list[BenchRequest], report: Cal
                  [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in warmup])
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
-    _sync(args.device)
+    sync_device(args.device)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=True)
-    _sync(args.device)
+    sync_device(args.device)
     elapsed = time.perf_counter() - start
-    report(_row("gLLM", requests, elapsed, len(outs), sum(len(r.prompt_token_ids) for r in requests),
+    report(throughput_row("gLLM", requests, elapsed, len(outs), sum(len(r.prompt_token_ids) for r in requests),
                 sum(len(o.outputs[0].token_ids) for o in outs)))
 
 
@@ -117,7 +119,7 @@ def run_transformers(args: argparse.Namespace, requests: list[BenchRequest], rep
                 for i, r in enumerate(warmup_requests(requests))}
         if len(_collect(manager, warm, deadline=time.perf_counter() + WARMUP_LIMIT_S)) < len(warm):
             raise RuntimeError("transformers: the warm-up requests did not finish")
-        _sync(device)
+        sync_device(device)
         start = time.perf_counter()
         ids = {manager.add_request(r.prompt_token_ids, request_id=str(i), max_new_tokens=r.output_len): r
                for i, r in enumerate(requests)}
@@ -125,8 +127,9 @@ def run_transformers(args: argparse.Namespace, requests: list[BenchRequest], rep
         errors = [o.error for o in finished.values() if o.error]
         if len(finished) == len(ids) and not errors:
             elapsed = time.perf_counter() - start
-            report(_row(engine, requests, elapsed, len(finished), sum(len(r.prompt_token_ids) for r in requests),
-                        sum(len(o.generated_tokens) for o in finished.values())))
+            report(throughput_row(engine, requests, elapsed, len(finished),
+                                  sum(len(r.prompt_token_ids) for r in requests),
+                                  sum(len(o.generated_tokens) for o in finished.values())))
             return
         # Stopped early (time limit, a failed request or a dead generation thread): a hard stop fails the
         # unfinished requests, and their outputs carry the tokens they had generated.
@@ -135,7 +138,7 @@ def run_transformers(args: argparse.Namespace, requests: list[BenchRequest], rep
         elapsed = time.perf_counter() - start  # up to the stop, so every counted token falls inside it
         outs = [*finished.values(), *_drain(manager, set(ids) - set(finished))]
         started = [o for o in outs if o.generated_tokens]  # prefill done: its prompt counts as processed
-        row = _row(engine, requests, elapsed, sum(1 for o in finished.values() if not o.error),
+        row = throughput_row(engine, requests, elapsed, sum(1 for o in finished.values() if not o.error),
                    sum(len(ids[o.request_id].prompt_token_ids) for o in started),
                    sum(len(o.generated_tokens) for o in started),
                    note=f"partial: stopped at the {args.transformers_timeout:.0f} s limit; rates over that window")
@@ -226,7 +229,7 @@ def _torch_device(device: str) -> str:
     return "cpu"
 
 
-def _sync(device: str) -> None:
+def sync_device(device: str) -> None:
     import torch
 
     if device != "cpu" and torch.cuda.is_available():
@@ -236,28 +239,35 @@ def _sync(device: str) -> None:
 RUNNERS = {"gllm": run_gllm, "transformers": run_transformers}
 
 
-def _child(engine: str, args: argparse.Namespace, requests: list[BenchRequest], result_path: str) -> None:
-    RUNNERS[engine](args, requests, lambda row: Path(result_path).write_text(json.dumps(row)))
+def _child(runner: Runner, args: argparse.Namespace, requests: list[BenchRequest], result_path: str) -> None:
+    runner(args, requests, lambda row: Path(result_path).write_text(json.dumps(row)))
 
 
-def run_engine(engine: str, args: argparse.Namespace, requests: list[BenchRequest]) -> Row:
-    """Run one engine in a fresh process; its row, or an error row if it failed or overran its time limit."""
-    limit = (args.gllm_timeout if engine == "gllm" else args.transformers_timeout) + STOP_GRACE_S
+def run_isolated(name: str, runner: Runner, args: argparse.Namespace, requests: list[BenchRequest],
+                 limit_s: float) -> Row:
+    """`runner(args, requests, report)` in a fresh process (GPU memory is freed after it): the last row it
+    reported, or an error row if it failed or overran `limit_s`."""
     with tempfile.TemporaryDirectory(prefix="gllm-bench-") as tmp:
         result = Path(tmp) / "result.json"
-        proc = mp.get_context("spawn").Process(target=_child, args=(engine, args, requests, str(result)))
+        proc = mp.get_context("spawn").Process(target=_child, args=(runner, args, requests, str(result)))
         proc.start()
-        proc.join(limit)
+        proc.join(limit_s)
         failure = None
         if proc.is_alive():
             proc.kill()
             proc.join()
-            failure = f"killed after {limit:.0f} s"
+            failure = f"killed after {limit_s:.0f} s"
         elif proc.exitcode != 0:
             failure = f"exit code {proc.exitcode}"
         if result.exists():
             return json.loads(result.read_text())
-    return dict(engine=engine, requests=len(requests), error=failure or "no result")
+    return dict(engine=name, requests=len(requests), error=failure or "no result")
+
+
+def run_engine(engine: str, args: argparse.Namespace, requests: list[BenchRequest]) -> Row:
+    """Run one engine of this script in a fresh process (see `run_isolated`)."""
+    limit = (args.gllm_timeout if engine == "gllm" else args.transformers_timeout) + STOP_GRACE_S
+    return run_isolated(engine, RUNNERS[engine], args, requests, limit)
 
 
 def print_table(rows: list[Row], title: str) -> None:

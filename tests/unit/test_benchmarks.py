@@ -49,3 +49,24 @@ def test_prefix_caching_benchmark_reports_hits(tmp_path):
                           "--requests", "4", "--system-len", "64", "--question-len", "8", "--output-len", "4"],
                          check=True, timeout=600, capture_output=True, text=True)
     assert "caching on vs off" in res.stdout and "0.0%" in res.stdout
+
+
+def test_single_gpu_script_runs_every_workload_at_toy_size(tmp_path):
+    large = make_tiny_model_dir("LlamaForCausalLM", tmp_path / "large", with_tokenizer=False, vocab_size=49152)
+    small = make_tiny_model_dir("Qwen3ForCausalLM", tmp_path / "small", with_tokenizer=False)
+    out = tmp_path / "single.json"
+    res = subprocess.run([sys.executable, "benchmarks/single_gpu.py", "--config", str(large), "--small-config",
+                          str(small), "--device", "cpu", "--dtype", "float32", "--num-prompts", "3",
+                          "--num-prompts-transformers", "2", "--uniform-requests", "3", "--uniform-range", "4", "12",
+                          "--batch1", "8", "6", "--sweep", "1", "2", "--max-output-len", "4", "--output-json",
+                          str(out)], check=True, timeout=600, capture_output=True, text=True)
+    report = json.loads(out.read_text())
+    large_run, small_run = report["gllm_large"], report["gllm_small"]
+    assert large_run["sharegpt"]["completed"] == 3 and large_run["sharegpt"]["output_tokens"] == 3 * 4
+    assert large_run["batch1"]["output_tokens"] == 6
+    assert [r["batch"] for r in large_run["sweep"]] == [1, 2]
+    assert small_run["completed"] == 3 and small_run["output_tokens"] <= 3 * 4
+    for key in ("transformers_large", "transformers_small"):
+        assert "error" not in report[key] and report[key]["completed"] == report[key]["requests"]
+    assert report["params"]["large"] > report["params"]["small"] > 0
+    assert "Single-GPU workloads" in res.stdout and "Latency vs batch" in res.stdout

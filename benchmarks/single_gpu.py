@@ -1,0 +1,271 @@
+"""The single-GPU race in one call: three workloads beside transformers, the rooflines, a batch sweep.
+
+Workloads (dummy weights, ignore_eos, each engine in a fresh process):
+  sharegpt  the offline_throughput.py workload (1,000 ShareGPT requests) on --config (Llama-3-8B shapes)
+  batch1    one request of 128 random prompt tokens, 256 generated, on --config
+  uniform   256 requests, input and output lengths each uniform in 100-1,024, random ids (nano-vllm's
+            benchmark), on --small-config (Qwen3-0.6B shapes)
+  sweep     B requests of 128 prompt tokens, 256 generated, for each B of --sweep, on --config
+
+Ceilings are measured in the same run: a device-to-device copy (bytes read + written over time) and a
+bf16 8192^3 matrix product. The compute roofline of a workload is that rate over 2 FLOP per parameter
+per token; the batch-1 bound is the weight bytes over the copy bandwidth. Published peers are quoted
+beside our numbers, not measured here.
+
+    python benchmarks/single_gpu.py --requests-file .gpu/sharegpt1000.json --output-json out.json
+    python benchmarks/single_gpu.py --config DIR --small-config DIR --device cpu --dtype float32 \\
+        --num-prompts 4 --uniform-requests 4 --uniform-range 4 12 --batch1 8 8 --sweep 1 2 --max-output-len 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this directory's scripts, also in spawned children
+
+from offline_throughput import (  # noqa: E402
+    STOP_GRACE_S,
+    Row,
+    run_isolated,
+    run_transformers,
+    sharegpt_requests,
+    sync_device,
+    throughput_row,
+    warmup_requests,
+)
+
+from gllm_cli.datasets import BenchRequest, load_requests, uniform_requests  # noqa: E402
+
+# Figures quoted in issue 6 for the same workloads (not measured here).
+PUBLISHED = {
+    "sharegpt": "vLLM bench serve 1,000 ShareGPT, Llama-3.1-8B: 14,029 total tok/s; SGLang 2,000 prompts: "
+                "24,023 (vLLM 0.6.3 on the same: 22,116); target >= 26,000",
+    "batch1": "target >= 170 tok/s (90% of the H100's 188 tok/s weight-read bound)",
+    "uniform": "nano-vllm and vLLM within 3% of each other; target >= 20x transformers",
+}
+MATMUL_N = 8192
+COPY_BYTES = 4 << 30
+
+
+def _params(config_dir: str) -> int:
+    """Parameters of the model at `config_dir`, counted on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def measure_ceilings(args: argparse.Namespace, _requests: list[BenchRequest], report) -> None:
+    """Copy bandwidth (bytes read + written per second) and bf16 matmul FLOP/s, medians of timed repeats."""
+    import torch
+
+    if args.device == "cpu" or not torch.cuda.is_available():
+        report(dict(engine="ceilings", bandwidth=None, flops=None))
+        return
+    from triton.testing import do_bench
+
+    src = torch.randn(COPY_BYTES // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    a, b = (torch.randn(MATMUL_N, MATMUL_N, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    mm_ms = do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+    report(dict(engine="ceilings", device=torch.cuda.get_device_name(), bandwidth=2 * COPY_BYTES / (copy_ms / 1e3),
+                flops=2 * MATMUL_N**3 / (mm_ms / 1e3)))
+
+
+def _engine(args: argparse.Namespace, config_dir: str) -> Any:
+    from gllm_engine import LLM
+
+    return LLM(config_dir, load_format="dummy", dtype=args.dtype, device=args.device, skip_tokenizer_init=True,
+               max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager, show_progress=False)
+
+
+def _timed(llm: Any, requests: list[BenchRequest], device: str) -> tuple[float, list[Any]]:
+    from gllm_engine import SamplingParams
+
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
+    sync_device(device)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    sync_device(device)
+    return time.perf_counter() - start, outs
+
+
+def _throughput_row(llm: Any, requests: list[BenchRequest], device: str) -> Row:
+    seconds, outs = _timed(llm, requests, device)
+    return throughput_row("gLLM", requests, seconds, len(outs), sum(len(r.prompt_token_ids) for r in requests),
+                sum(len(o.outputs[0].token_ids) for o in outs))
+
+
+def _fixed_requests(batch: int, prompt_len: int, output_len: int, vocab: int, seed: int) -> list[BenchRequest]:
+    """`batch` requests of `prompt_len` random ids (different per request: no prefix is shared)."""
+    return [BenchRequest(None, [(seed + 7919 * i + 31 * j) % vocab for j in range(prompt_len)], output_len)
+            for i in range(batch)]
+
+
+def gllm_large(args: argparse.Namespace, requests: list[BenchRequest], report) -> None:
+    """On --config: the ShareGPT workload, then batch 1, then the sweep; reports after each part."""
+    llm = _engine(args, args.config)
+    vocab = llm.engine.config.model.hf_config.vocab_size
+    _timed(llm, warmup_requests(requests), args.device)  # compile kernels outside the timing
+    result: dict[str, Any] = dict(engine="gLLM", sharegpt=_throughput_row(llm, requests, args.device))
+    report(result)
+    prompt_len, output_len = args.batch1
+    one = _fixed_requests(1, prompt_len, output_len, vocab, seed=1)
+    # the prefill alone, on another prompt of the same length (the same one would hit the prefix cache)
+    first = _fixed_requests(1, prompt_len, 1, vocab, seed=2)
+    first_s, _ = _timed(llm, first, args.device)
+    total_s, outs = _timed(llm, one, args.device)
+    made = len(outs[0].outputs[0].token_ids)
+    decode_s = total_s - first_s  # the time after the first token (None where noise swamps it)
+    result["batch1"] = dict(seconds=total_s, prefill_seconds=first_s, output_tokens=made, tokens_per_s=made / total_s,
+                            decode_tokens_per_s=(made - 1) / decode_s if made > 1 and decode_s > 0 else None)
+    report(result)
+    result["sweep"] = []
+    for batch in args.sweep:
+        row = _throughput_row(llm, _fixed_requests(batch, prompt_len, output_len, vocab, seed=batch), args.device)
+        result["sweep"].append(dict(batch=batch, seconds=row["seconds"], output_tokens_per_s=row["output_tokens_per_s"],
+                                    ms_per_step=1e3 * row["seconds"] / output_len))
+        report(result)
+
+
+def gllm_small(args: argparse.Namespace, requests: list[BenchRequest], report) -> None:
+    """On --small-config: the uniform workload."""
+    llm = _engine(args, args.small_config)
+    _timed(llm, warmup_requests(requests), args.device)
+    report(_throughput_row(llm, requests, args.device))
+
+
+def transformers_on(config_dir: str, args: argparse.Namespace) -> argparse.Namespace:
+    """`args` for offline_throughput.run_transformers on another model."""
+    other = copy.copy(args)
+    other.config = config_dir
+    return other
+
+
+def _ratio(row: Row | None, base: Row | None, key: str = "total_tokens_per_s") -> str:
+    if not row or not base or "error" in row or "error" in base or not base.get(key):
+        return "-"
+    return f"{row[key] / base[key]:.1f}x"
+
+
+def _pct(value: float | None, bound: float | None) -> str:
+    return f"{100 * value / bound:.0f}%" if value and bound else "-"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    ceil, large, small = report["ceilings"], report["gllm_large"], report["gllm_small"]
+    flops, bandwidth = ceil.get("flops"), ceil.get("bandwidth")
+    roof = {name: flops / (2 * report["params"][name]) if flops else None for name in ("large", "small")}
+    bound_b1 = bandwidth / report["weight_bytes"] if bandwidth else None
+    table = Table(title=f"Single-GPU workloads ({report['device']}, {report['dtype']}, dummy weights)")
+    for col in ("workload", "engine", "req/s", "output tok/s", "total tok/s", "vs transformers", "% of roofline"):
+        table.add_column(col, justify="left" if col in ("workload", "engine") else "right")
+
+    def add(workload: str, row: Row | None, base: Row | None, bound: float | None, engine: str = "gLLM") -> None:
+        if not row or "error" in row:
+            table.add_row(workload, f"{engine}: {(row or {}).get('error', 'not run')}", "-", "-", "-", "-", "-")
+            return
+        table.add_row(workload, engine, f"{row['requests_per_s']:.2f}", f"{row['output_tokens_per_s']:,.0f}",
+                      f"{row['total_tokens_per_s']:,.0f}", _ratio(row, base) if engine == "gLLM" else "1.0x",
+                      _pct(row["total_tokens_per_s"], bound))
+
+    hf_large, hf_small = report["transformers_large"], report["transformers_small"]
+    add("sharegpt", large.get("sharegpt"), hf_large, roof["large"])
+    add("sharegpt", hf_large, None, roof["large"], engine=hf_large.get("engine", "transformers"))
+    add("uniform", small, hf_small, roof["small"])
+    add("uniform", hf_small, None, roof["small"], engine=hf_small.get("engine", "transformers"))
+    b1 = large.get("batch1")
+    if b1:
+        decode = b1["decode_tokens_per_s"]
+        rate = f"{b1['tokens_per_s']:,.1f}" + (f" (decode {decode:,.1f})" if decode else "")
+        table.add_row("batch1", "gLLM", "-", rate, "-", "-", _pct(decode, bound_b1))
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    console.print(table)
+    for workload, text in PUBLISHED.items():
+        print(f"  {workload}: {text}")
+    prompt_len, output_len = report["batch1_shape"]
+    sweep = Table(title=f"Latency vs batch ({prompt_len} prompt tokens, {output_len} generated; time includes the "
+                        "prefill)")
+    for col in ("batch", "seconds", "output tok/s", "ms per step"):
+        sweep.add_column(col, justify="right")
+    for r in large.get("sweep", []):
+        sweep.add_row(str(r["batch"]), f"{r['seconds']:.2f}", f"{r['output_tokens_per_s']:,.0f}",
+                      f"{r['ms_per_step']:.2f}")
+    console.print(sweep)
+    if flops:
+        print(f"ceilings: {bandwidth / 1e12:.2f} TB/s copy, {flops / 1e12:.0f} TFLOP/s bf16 matmul; compute "
+              f"roofline {roof['large']:,.0f} tok/s ({Path(report['config']).name}), {roof['small']:,.0f} tok/s "
+              f"({Path(report['small_config']).name}); batch-1 bound {bound_b1:,.0f} tok/s "
+              f"({report['weight_bytes'] / 1e9:.2f} GB of weights per step)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="benchmarks/configs/llama3-8b")
+    ap.add_argument("--small-config", default="benchmarks/configs/qwen3-0.6b")
+    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--requests-file", help="ShareGPT requests saved by offline_throughput.py --save-requests")
+    ap.add_argument("--num-prompts", type=int, default=1000)
+    ap.add_argument("--num-prompts-transformers", type=int, default=200, help="ShareGPT requests for transformers")
+    ap.add_argument("--uniform-requests", type=int, default=256)
+    ap.add_argument("--uniform-range", type=int, nargs=2, default=[100, 1024], metavar=("LOW", "HIGH"))
+    ap.add_argument("--batch1", type=int, nargs=2, default=[128, 256], metavar=("PROMPT", "OUTPUT"))
+    ap.add_argument("--sweep", type=int, nargs="+", default=[1, 8, 32, 128, 256])
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--max-output-len", type=int, default=None, help="cap ShareGPT/uniform outputs (smoke runs)")
+    ap.add_argument("--transformers-timeout", type=float, default=120.0)
+    ap.add_argument("--gllm-timeout", type=float, default=900.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output-json")
+    args = ap.parse_args()
+
+    sharegpt = (load_requests(args.requests_file) if args.requests_file
+                else sharegpt_requests(args.num_prompts, args.seed))[: args.num_prompts]
+    small_vocab = json.loads((Path(args.small_config) / "config.json").read_text())["vocab_size"]
+    uniform = uniform_requests(args.uniform_requests, *args.uniform_range, vocab_size=small_vocab, seed=args.seed)
+    if args.max_output_len:
+        for r in (*sharegpt, *uniform):
+            r.output_len = min(r.output_len, args.max_output_len)
+    params = {"large": _params(args.config), "small": _params(args.small_config)}
+    itemsize = 4 if args.dtype == "float32" else 2
+    report: dict[str, Any] = dict(device=args.device, dtype=args.dtype, config=args.config,
+                                  small_config=args.small_config, params=params,
+                                  weight_bytes=params["large"] * itemsize, batch1_shape=args.batch1)
+    gllm_limit, hf_limit = args.gllm_timeout + STOP_GRACE_S, args.transformers_timeout + STOP_GRACE_S
+    steps = [("ceilings", "ceilings", measure_ceilings, args, [], 600.0),
+             ("gllm_large", "gLLM", gllm_large, args, sharegpt, gllm_limit),
+             ("transformers_large", "transformers", run_transformers, transformers_on(args.config, args),
+              sharegpt[: args.num_prompts_transformers], hf_limit),
+             ("gllm_small", "gLLM", gllm_small, args, uniform, gllm_limit),
+             ("transformers_small", "transformers", run_transformers, transformers_on(args.small_config, args),
+              uniform, hf_limit)]
+    for key, name, runner, run_args, requests, limit in steps:
+        print(f"{key}: running", flush=True)
+        report[key] = run_isolated(name, runner, run_args, requests, limit)
+        print(f"{key}: {json.dumps(report[key])[:300]}", flush=True)
+        if args.output_json:
+            Path(args.output_json).write_text(json.dumps(report, indent=2))
+    if report["ceilings"].get("device"):
+        report["device"] = report["ceilings"]["device"]
+    print_report(report)
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
