@@ -53,6 +53,11 @@ ENGINE_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "pipeline_parallel_size": (Annotated[int, typer.Option("--pp", "--pipeline-parallel-size",
                                                            help="Pipeline stages.", rich_help_panel=PARALLEL)],
                                1, "pipeline_parallel_size"),
+    "expert_parallel_size": (Annotated[int, typer.Option("--ep", "--expert-parallel-size",
+                                                         help="Expert-parallel groups of the TP ranks for MoE "
+                                                              "layers (divides --tp; = --tp: whole experts per rank).",
+                                                         rich_help_panel=PARALLEL)],
+                             1, "expert_parallel_size"),
     "pp_layer_split": (Annotated[str | None, typer.Option(help="Layers per stage, e.g. 10,12,10.",
                                                           rich_help_panel=PARALLEL)], None, "pp_layer_split"),
     "schedule_method": (Annotated[str, typer.Option(help="auto, chunked_prefill or token_throttling.",

@@ -91,7 +91,12 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Ranks = tensor x pipeline parallel, spread over `nnodes` machines joined at master_addr:port."""
+    """Ranks = tensor x pipeline parallel, spread over `nnodes` machines joined at master_addr:port.
+
+    `expert_parallel_size` adds no ranks: it spreads the routed experts of MoE layers over each
+    stage's tensor-parallel ranks (see layers/moe.py): ep == tp gives every rank whole experts,
+    1 < ep < tp makes groups of tp / ep ranks that split their experts as tensor parallelism does.
+    """
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -100,6 +105,7 @@ class ParallelConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int | None = None  # None: a free port (single node only)
+    expert_parallel_size: int = 1  # divides tensor_parallel_size
 
     @property
     def world_size(self) -> int:
@@ -146,6 +152,7 @@ class EngineConfig:
         skip_tokenizer_init: bool = False,
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
+        expert_parallel_size: int = 1,
         pp_layer_split: list[int] | None = None,
         schedule_method: str = "auto",
         throttle: ThrottleConfig | None = None,
@@ -159,7 +166,8 @@ class EngineConfig:
             raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("tensor_parallel_size", tensor_parallel_size),
-                            ("pipeline_parallel_size", pipeline_parallel_size)):
+                            ("pipeline_parallel_size", pipeline_parallel_size),
+                            ("expert_parallel_size", expert_parallel_size)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         if not 0.0 < gpu_memory_utilization <= 1.0:
@@ -185,6 +193,7 @@ class EngineConfig:
         files = resolve_model_files(model, tokenizer=tokenizer, load_format=load_format)
         hf_config = files.load_hf_config()
         _check_parallel_fit(hf_config, tensor_parallel_size, pipeline_parallel_size, pp_layer_split)
+        _check_expert_parallel_fit(hf_config, tensor_parallel_size, expert_parallel_size)
         torch_dtype = _resolve_dtype(dtype, hf_config, torch_device)
 
         derived_len = _derived_max_model_len(hf_config)
@@ -219,7 +228,7 @@ class EngineConfig:
             parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size,
                                     tuple(pp_layer_split) if pp_layer_split else None,
                                     nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
-                                    master_port=master_port),
+                                    master_port=master_port, expert_parallel_size=expert_parallel_size),
             device=DeviceConfig(torch_device, enforce_eager=enforce_eager,
                                 use_reference_kernels=use_reference_kernels),
         )
@@ -240,6 +249,37 @@ def _check_parallel_fit(hf_config: Any, tp: int, pp: int, split: list[int] | Non
                               f"model's {layers} layers")
     elif layers < pp:
         raise ConfigError(f"pipeline_parallel_size ({pp}) is larger than the model's {layers} layers")
+
+
+def _routed_experts(hf_config: Any) -> tuple[int, int] | None:
+    """(number of routed experts, intermediate size of one) of an MoE model; None for a dense one."""
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        num = getattr(hf_config, key, None)
+        if isinstance(num, int) and num > 0:
+            inter = getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size
+            return num, inter
+    return None
+
+
+def _check_expert_parallel_fit(hf_config: Any, tp: int, ep: int) -> None:
+    """ep must split each stage's TP ranks, the model must have experts, and they must split over ep groups."""
+    if ep == 1:
+        return
+    if tp % ep:
+        raise ConfigError(f"expert_parallel_size ({ep}) must divide tensor_parallel_size ({tp}): experts are "
+                          f"spread over each stage's tensor-parallel ranks (e.g. --tp {ep} --ep {ep})")
+    experts = _routed_experts(hf_config)
+    if experts is None:
+        archs = getattr(hf_config, "architectures", None) or [getattr(hf_config, "model_type", "this model")]
+        raise ConfigError(f"expert_parallel_size ({ep}) > 1 needs a mixture-of-experts model; {archs[0]} has no "
+                          f"routed experts")
+    num_experts, inter = experts
+    if num_experts % ep:
+        raise ConfigError(f"expert_parallel_size ({ep}) must divide the model's {num_experts} experts")
+    if inter % (tp // ep):
+        raise ConfigError(f"the experts' intermediate size ({inter}) must divide over the {tp // ep} "
+                          f"tensor-parallel ranks that share each expert (tensor_parallel_size / "
+                          f"expert_parallel_size)")
 
 
 def _resolve_device(device: str) -> torch.device:

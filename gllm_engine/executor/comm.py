@@ -2,7 +2,9 @@
 
 Tensors (hidden states, TP collectives) travel on the default group (NCCL on GPUs, gloo on CPUs);
 plans and results are pickled and travel point to point on a separate gloo group, so the engine
-rank can send the next micro-batch's plan without waiting for any other rank.
+rank can send the next micro-batch's plan without waiting for any other rank. Expert parallelism
+needs no group of its own: it splits each stage's TP ranks (`EPLayout.over`), and its MoE layers
+combine with the TP group's all-reduce.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from gllm_engine.config import ParallelConfig
-from gllm_engine.layers.parallel import PPStage, TPLayout, split_layers
+from gllm_engine.layers.parallel import EPLayout, PPStage, TPLayout, split_layers
 
 PLAN_TAG, RESULT_TAG = 1, 2
 _MAX_PENDING_SENDS = 64
@@ -53,6 +55,7 @@ class RankComm:
         self.pp_rank, tp_rank = divmod(rank, self.tp_size)
         start, end = split_layers(num_layers, self.pp_size, parallel.pp_layer_split)[self.pp_rank]
         self.tp = TPLayout(tp_rank, self.tp_size, tp_groups[self.pp_rank] if self.tp_size > 1 else None)
+        self.ep = EPLayout.over(self.tp, parallel.expert_parallel_size)
         self.stage = PPStage(self.pp_rank, self.pp_size, start, end)
         self.sampling_rank = (self.pp_size - 1) * self.tp_size  # tp rank 0 of the last stage
         # Results get their own communicator: the engine receives them on a separate thread.
@@ -67,7 +70,8 @@ class RankComm:
         for other_rank, other in enumerate(everyone):
             if other != everyone[0]:
                 raise RuntimeError(f"rank {other_rank} was started with {other}, rank 0 with {everyone[0]} "
-                                   f"(model, world size, tp, pp, nnodes): every node needs the same options")
+                                   f"(model, layers, world size, tp, pp, ep, nnodes): "
+                                   f"every node needs the same options")
 
     # ---- pickled objects, point to point ------------------------------------------------------------
     def send_object(self, obj: Any, dst: int, tag: int, group: Any = None) -> None:

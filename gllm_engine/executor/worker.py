@@ -28,7 +28,7 @@ def setup_fingerprint(config: EngineConfig) -> tuple:
     """What every rank must agree on."""
     p = config.parallel
     return (config.model.architecture, config.model.hf_config.num_hidden_layers, p.world_size,
-            p.tensor_parallel_size, p.pipeline_parallel_size, p.nnodes)
+            p.tensor_parallel_size, p.pipeline_parallel_size, p.expert_parallel_size, p.nnodes)
 
 
 class Worker:
@@ -44,7 +44,7 @@ class Worker:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.world_size))
         self.comm = RankComm(rank, config.parallel, config.model.hf_config.num_hidden_layers, device, master,
                              setup_fingerprint(config))
-        layout = RankLayout(device=device, tp=self.comm.tp, stage=self.comm.stage)
+        layout = RankLayout(device=device, tp=self.comm.tp, stage=self.comm.stage, ep=self.comm.ep)
         self.runner = ModelRunner(config, layout, show_progress=show_progress)
         self.num_blocks = self.comm.min_over_ranks(self.runner.available_num_blocks())
         self.runner.initialize_cache(self.num_blocks)

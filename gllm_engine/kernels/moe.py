@@ -10,6 +10,8 @@ A step routes each of its T tokens to k experts: P = T * k (token, expert) pairs
    weight and stores `[P, H]` per pair; the k rows of each token are then summed (the combine).
 
 Weights: w13 `[E, 2I, H]` (gate rows, then up rows), w2 `[E, H, I]`, as `layers.moe.FusedMoE` holds them.
+Expert parallelism: a rank holds E of the model's experts, and a pair whose expert is elsewhere carries
+the id E ("remote"); the sort leaves it out, so no program computes it and it adds nothing to the sum.
 Nothing reads a device tensor on the host: a decode step through here can be captured in a CUDA graph.
 """
 
@@ -99,7 +101,7 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pairs grouped by expert, each expert's run padded to a multiple of `block_m`.
 
-    topk_ids: `[T, k]` int64. Returns
+    topk_ids: `[T, k]` int64 in [0, E]; E marks a remote pair (expert parallelism), which is left out. Returns
       sorted_ids `[S]` int32: pair indices t * k + j, expert by expert (stable), P where padding;
       expert_ids `[S / block_m]` int64: the expert of each row block (E for blocks past the end);
       num_padded `[1]` int64: how many entries of sorted_ids are used (a multiple of block_m).
@@ -116,21 +118,23 @@ def align_by_expert_sorted(topk_ids: torch.Tensor, num_experts: int, block_m: in
     """`align_by_expert` in torch ops: a stable sort, then each pair moved to its expert's padded run."""
     flat = topk_ids.reshape(-1)
     num_pairs, device = flat.numel(), flat.device
-    sorted_experts, order = torch.sort(flat, stable=True)  # [P]
+    sorted_experts, order = torch.sort(flat, stable=True)  # [P]; remote pairs (id E) last
     experts = torch.arange(num_experts + 1, dtype=flat.dtype, device=device)
     starts = torch.searchsorted(sorted_experts, experts)  # [E+1]: where each expert's run begins
     counts = starts.diff()  # [E]
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = padded.cumsum(0)  # [E]
-    # Sorted position i of expert e moves to padded_start[e] + (i - starts[e]).
+    # Sorted position i of expert e moves to padded_start[e] + (i - starts[e]); remote pairs to a scratch
+    # slot past the end (no host-side count, so the step stays capturable in a CUDA graph).
     shift = padded_end - padded - starts[:-1]
-    dest = torch.arange(num_pairs, device=device) + shift[sorted_experts]
+    local = sorted_experts < num_experts
+    dest = torch.arange(num_pairs, device=device) + shift[sorted_experts.clamp(max=num_experts - 1)]
     size = padded_size(num_pairs, num_experts, block_m)
-    sorted_ids = torch.full((size,), num_pairs, dtype=torch.int32, device=device)
-    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    sorted_ids = torch.full((size + 1,), num_pairs, dtype=torch.int32, device=device)
+    sorted_ids.scatter_(0, torch.where(local, dest, size), order.to(torch.int32))
     block_starts = torch.arange(0, size, block_m, device=device)
     expert_ids = torch.searchsorted(padded_end, block_starts, right=True)
-    return sorted_ids, expert_ids, padded_end[-1:]
+    return sorted_ids[:size], expert_ids, padded_end[-1:]
 
 
 # One program streams the pairs in chunks; past ~a decode batch of pairs, the sort's few large
@@ -146,7 +150,8 @@ def _align_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, 
                   BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr):
     """One program: counts per expert, padded runs, the expert of every row block, then each pair's slot.
 
-    Bins at or past `num_experts` stay empty but for the last one, where masked lanes are counted.
+    Bins at or past `num_experts` stay empty but for bin `num_experts` (remote pairs) and the last one
+    (masked lanes); neither kind of pair gets a slot.
     `offsets_ptr` `[NUM_BINS]` int32 is scratch through which the lanes look up their expert's next slot.
     """
     lanes = tl.arange(0, CHUNK)
@@ -171,8 +176,8 @@ def _align_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, 
     next_slot = padded_end - padded  # [NUM_BINS]: where each expert's next pair goes
     for start in range(0, num_pairs, CHUNK):
         pairs = start + lanes
-        valid = pairs < num_pairs
-        ids = tl.load(topk_ids_ptr + pairs, mask=valid, other=NUM_BINS - 1).to(tl.int32)
+        ids = tl.load(topk_ids_ptr + pairs, mask=pairs < num_pairs, other=NUM_BINS - 1).to(tl.int32)
+        valid = ids < num_experts  # in range and not remote
         # Publish next_slot for the per-pair gather: written, barrier, read, barrier (before the next write).
         tl.store(offsets_ptr + bins, next_slot)
         tl.debug_barrier()  # also orders the padding fill before the pairs' stores
@@ -289,11 +294,12 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, pair_weight
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, tiles: MoeTiles | None = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, tiles: MoeTiles | None = None, *, remote_pairs: bool = False) -> torch.Tensor:
     """Each token of `x` `[T, H]` through its top-k experts, summed with the routing weights: `[T, H]`.
 
     topk_weights `[T, k]` (float32) and topk_ids `[T, k]` (int64) come from the router; `tiles`
-    overrides `moe_config` (benchmarks and tests).
+    overrides `moe_config` (benchmarks and tests). With `remote_pairs`, ids may be E = w13.shape[0]:
+    pairs whose expert another rank holds, which add nothing here (their rows of the combine are zeroed).
     """
     num_tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
@@ -308,7 +314,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     act = torch.empty((num_pairs, inter), dtype=x.dtype, device=x.device)  # [P, I]
     _grouped_gemm(x, w13, act, pair_weights, sorted_ids, expert_ids, num_padded,
                   n=inter, a_row_div=top_k, gated=True, weighted=False, tiles=tiles)
-    pair_out = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)  # [P, H]
+    # [P, H]; rows of remote pairs are never written
+    pair_out = (torch.zeros if remote_pairs else torch.empty)((num_pairs, hidden), dtype=x.dtype, device=x.device)
     _grouped_gemm(act, w2, pair_out, pair_weights, sorted_ids, expert_ids, num_padded,
                   n=hidden, a_row_div=1, gated=False, weighted=True, tiles=tiles)
     return pair_out.view(num_tokens, top_k, hidden).sum(dim=1)

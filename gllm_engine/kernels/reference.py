@@ -127,17 +127,23 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_ids: torch.Tensor, *, remote_pairs: bool = False) -> torch.Tensor:
     """Each token of `x` `[T, H]` through its top-k experts, summed with the routing weights: `[T, H]`.
 
     w13 `[E, 2I, H]` holds each expert's gate rows then up rows, w2 `[E, H, I]` its down projection;
     topk_ids `[T, k]` names the experts of each token and topk_weights `[T, k]` (float32) their weights.
-    Expert by expert over the tokens routed to it; the weighted sum is taken in float32.
+    With `remote_pairs` an id may be E: the expert lives on another expert-parallel rank and the pair
+    adds nothing. Expert by expert over the tokens routed to it; the weighted sum is taken in float32.
     """
     num_tokens, top_k = topk_ids.shape
+    num_experts = w13.shape[0]
     flat_ids = topk_ids.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)  # pairs t * k + j, grouped by expert
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    order = torch.argsort(flat_ids, stable=True)  # pairs t * k + j, grouped by expert; remote ones last
+    counts = torch.bincount(flat_ids, minlength=num_experts + 1).tolist()
+    if len(counts) > num_experts + 1 or (counts[num_experts] and not remote_pairs):
+        raise ValueError(f"expert ids must be in [0, {num_experts}) (or {num_experts} for remote pairs, "
+                         f"with remote_pairs=True); got up to {len(counts) - 1}")
+    counts = counts[:num_experts]
     pair_weights = topk_weights.reshape(-1).float()
     out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
     start = 0

@@ -34,6 +34,42 @@ SINGLE = TPLayout()
 
 
 @dataclass(frozen=True)
+class EPLayout:
+    """How one stage's tensor-parallel ranks share the routed experts of every MoE layer.
+
+    The `tp` ranks form `size` expert-parallel groups of `tp / size` consecutive ranks: group `rank`
+    holds experts `[rank * E / size, (rank + 1) * E / size)`, and its ranks split each of those
+    experts' intermediate dimension as tensor parallelism does. `size == tp` gives every rank whole
+    experts; `size == 1` (the default) is plain tensor parallelism.
+    """
+
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def over(cls, tp: TPLayout, size: int) -> EPLayout:
+        """This TP rank's expert-parallel group when the `tp.size` ranks form `size` groups."""
+        if size < 1 or tp.size % size:
+            raise ValueError(f"expert-parallel size ({size}) must divide the tensor-parallel size ({tp.size})")
+        return cls(tp.rank // (tp.size // size), size)
+
+    def expert_tp(self, tp: TPLayout) -> TPLayout:
+        """This rank's place among the `tp.size / size` ranks that share one expert (no group: never reduces)."""
+        per_expert = tp.size // self.size
+        return TPLayout(tp.rank % per_expert, per_expert)
+
+    def expert_range(self, num_experts: int) -> range:
+        """The global ids of the experts this rank holds."""
+        if num_experts % self.size:
+            raise ValueError(f"the {num_experts} experts do not divide over {self.size} expert-parallel ranks")
+        per_rank = num_experts // self.size
+        return range(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+
+ALL_EXPERTS = EPLayout()
+
+
+@dataclass(frozen=True)
 class PPStage:
     """The decoder layers `[layer_start, layer_end)` this pipeline stage runs."""
 

@@ -24,7 +24,7 @@ from torch import nn
 from gllm_engine.layers.linear import ReplicatedLinear
 from gllm_engine.layers.moe import ExpertShard, FusedMoE
 from gllm_engine.layers.ops import REFERENCE_OPS, KernelOps
-from gllm_engine.layers.parallel import SINGLE, WHOLE_MODEL, PPStage, TPLayout
+from gllm_engine.layers.parallel import ALL_EXPERTS, SINGLE, WHOLE_MODEL, EPLayout, PPStage, TPLayout
 from gllm_engine.models.llama import DecoderFlags, DecoderLayer, DecoderMLP, LlamaForCausalLM
 
 
@@ -42,13 +42,18 @@ class MoeSpec:
 
 
 class SparseMoeBlock(nn.Module):
-    """Router, routed experts and an optional gated shared expert; HF's module names."""
+    """Router, routed experts and an optional gated shared expert; HF's module names.
 
-    def __init__(self, hidden_size: int, spec: MoeSpec, flags: DecoderFlags, tp: TPLayout, ops: KernelOps):
+    The router is replicated; the routed experts follow `ep` (layers/moe.py); the shared expert is a
+    dense MLP, tensor-parallel over all of `tp` whatever `ep` is.
+    """
+
+    def __init__(self, hidden_size: int, spec: MoeSpec, flags: DecoderFlags, tp: TPLayout, ep: EPLayout,
+                 ops: KernelOps):
         super().__init__()
         self.gate = ReplicatedLinear(hidden_size, spec.num_experts, tp=tp)
         self.experts = FusedMoE(spec.num_experts, spec.top_k, hidden_size, spec.expert_intermediate_size,
-                                renormalize=spec.renormalize, tp=tp, ops=ops)
+                                renormalize=spec.renormalize, tp=tp, ep=ep, ops=ops)
         self.shared_expert: DecoderMLP | None = None
         self.shared_expert_gate: ReplicatedLinear | None = None
         if spec.shared_expert_intermediate_size:
@@ -93,12 +98,13 @@ def _expert_slices(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Ten
 class MoeForCausalLM(LlamaForCausalLM):
     """llama.py's causal LM with a SparseMoeBlock as the MLP of every sparse layer.
 
-    Checkpoint tensors of the experts are stacked into each layer's `experts.w13` / `experts.w2`;
-    every other tensor loads as in LlamaForCausalLM. Mixtral's `block_sparse_moe` reads as `mlp`.
+    Checkpoint tensors of the experts are stacked into each layer's `experts.w13` / `experts.w2`
+    (this rank's experts only, under expert parallelism `ep`); every other tensor loads as in
+    LlamaForCausalLM. Mixtral's `block_sparse_moe` reads as `mlp`.
     """
 
     def __init__(self, hf_config: Any, spec: MoeSpec, *, max_positions: int, tp: TPLayout = SINGLE,
-                 ops: KernelOps = REFERENCE_OPS, stage: PPStage = WHOLE_MODEL):
+                 ops: KernelOps = REFERENCE_OPS, stage: PPStage = WHOLE_MODEL, ep: EPLayout = ALL_EXPERTS):
         super().__init__(hf_config, max_positions=max_positions, tp=tp, ops=ops, stage=stage,
                          architecture=spec.dense_architecture)
         self.spec = spec
@@ -106,7 +112,7 @@ class MoeForCausalLM(LlamaForCausalLM):
         # llama.py's DecoderLayer builds a dense MLP; sparse layers swap theirs for the MoE block.
         for i, layer in enumerate(self.model.layers):
             if isinstance(layer, DecoderLayer) and i in spec.sparse_layers:
-                layer.mlp = SparseMoeBlock(hf_config.hidden_size, spec, flags, tp, ops)
+                layer.mlp = SparseMoeBlock(hf_config.hidden_size, spec, flags, tp, ep, ops)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Expert tensors go into the stacked experts here; the rest to LlamaForCausalLM.load_weights."""
@@ -127,7 +133,7 @@ class MoeForCausalLM(LlamaForCausalLM):
                     if param is None:
                         raise ValueError(f"checkpoint tensor {hf_name!r} has no matching parameter in "
                                          f"{type(self).__name__} (is layer {name.split('.')[2]} sparse?)")
-                    param.weight_loader(param, part.to(param.dtype), shard_id)
+                    param.weight_loader(param, part, shard_id)  # converts only what it keeps
                     loaded.add(param_name)
 
         return loaded | super().load_weights(non_expert(weights))
@@ -147,7 +153,8 @@ class QwenMoeForCausalLM(MoeForCausalLM):
     _DENSE_TWINS = {"Qwen2MoeForCausalLM": "Qwen2ForCausalLM", "Qwen3MoeForCausalLM": "Qwen3ForCausalLM"}
 
     def __init__(self, hf_config: Any, *, max_positions: int, tp: TPLayout = SINGLE, ops: KernelOps = REFERENCE_OPS,
-                 stage: PPStage = WHOLE_MODEL, architecture: str = "Qwen3MoeForCausalLM"):
+                 stage: PPStage = WHOLE_MODEL, architecture: str = "Qwen3MoeForCausalLM",
+                 ep: EPLayout = ALL_EXPERTS):
         if architecture not in self._DENSE_TWINS:
             raise ValueError(f"{type(self).__name__} runs {', '.join(self._DENSE_TWINS)}, not {architecture!r}")
         if architecture == "Qwen2MoeForCausalLM" and not getattr(hf_config, "qkv_bias", True):
@@ -158,4 +165,4 @@ class QwenMoeForCausalLM(MoeForCausalLM):
             renormalize=bool(getattr(hf_config, "norm_topk_prob", False)),
             shared_expert_intermediate_size=getattr(hf_config, "shared_expert_intermediate_size", 0) or 0,
             sparse_layers=sparse_layers(hf_config), dense_architecture=self._DENSE_TWINS[architecture])
-        super().__init__(hf_config, spec, max_positions=max_positions, tp=tp, ops=ops, stage=stage)
+        super().__init__(hf_config, spec, max_positions=max_positions, tp=tp, ops=ops, stage=stage, ep=ep)

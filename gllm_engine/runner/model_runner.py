@@ -17,7 +17,7 @@ from torch.profiler import record_function
 from gllm_engine.config import EngineConfig
 from gllm_engine.layers.attention import AttentionMetadata
 from gllm_engine.layers.ops import select_ops
-from gllm_engine.layers.parallel import SINGLE, WHOLE_MODEL, PPStage, TPLayout
+from gllm_engine.layers.parallel import ALL_EXPERTS, SINGLE, WHOLE_MODEL, EPLayout, PPStage, TPLayout
 from gllm_engine.loader.weights import load_model_weights
 from gllm_engine.models.registry import get_model_class
 from gllm_engine.runner.cuda_graph import DecodeGraphs
@@ -31,11 +31,12 @@ Intermediate = tuple[torch.Tensor, torch.Tensor]  # (hidden, residual), each [T,
 
 @dataclass(frozen=True)
 class RankLayout:
-    """Where this rank sits: its device, tensor-parallel group and pipeline stage."""
+    """Where this rank sits: its device, tensor-parallel group, pipeline stage and share of the experts."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tp: TPLayout = SINGLE
     stage: PPStage = WHOLE_MODEL
+    ep: EPLayout = ALL_EXPERTS
 
     @property
     def samples(self) -> bool:
@@ -54,11 +55,13 @@ class ModelRunner:
         hf = config.model.hf_config
         self.ops = select_ops(self.device, config.device.use_reference_kernels)
         model_cls = get_model_class(config.model.architecture)
+        parallel = {"tp": self.layout.tp, "stage": self.layout.stage}
+        if self.layout.ep.size > 1:  # MoE models only: the config rejects expert parallelism for the others
+            parallel["ep"] = self.layout.ep
         torch.manual_seed(config.model.seed)
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = model_cls(hf, max_positions=config.model.max_model_len, ops=self.ops,
-                                   tp=self.layout.tp, stage=self.layout.stage,
-                                   architecture=config.model.architecture)
+                                   architecture=config.model.architecture, **parallel)
         self.model.eval()
         start = time.perf_counter()
         load_model_weights(self.model, config.model.files, dummy_seed=config.model.seed,

@@ -91,6 +91,50 @@ def test_fused_moe_with_the_torch_sort_of_large_steps(dtype, device, monkeypatch
     assert_matches(moe.fused_moe(x, w13, w2, weights, ids), reference.fused_moe(x, w13, w2, weights, ids))
 
 
+@pytest.mark.parametrize("align", list(ALIGNS))
+def test_align_by_expert_leaves_remote_pairs_out(align, device):
+    """Id E marks a pair whose expert another expert-parallel rank holds: it gets no slot, as if absent."""
+    num_tokens, top_k, num_experts, block_m = 45, 3, 5, 16  # 135 pairs: more than one chunk of the kernel
+    ids = torch.randint(0, num_experts + 1, (num_tokens, top_k), generator=torch.Generator().manual_seed(4))
+    sorted_ids, expert_ids, num_padded = (t.cpu() for t in ALIGNS[align](ids.to(device), num_experts, block_m))
+    flat, num_pairs = ids.reshape(-1), ids.numel()
+    assert (flat == num_experts).sum() > 10
+    runs, blocks = [], []
+    for e in range(num_experts):
+        pairs = (flat == e).nonzero().flatten().tolist()
+        padded = -(-len(pairs) // block_m) * block_m
+        runs += pairs + [num_pairs] * (padded - len(pairs))
+        blocks += [e] * (padded // block_m)
+    assert int(num_padded) == len(runs) and sorted_ids.numel() == moe.padded_size(num_pairs, num_experts, block_m)
+    assert sorted_ids[:len(runs)].tolist() == runs and (sorted_ids[len(runs):] == num_pairs).all()
+    assert expert_ids[:len(blocks)].tolist() == blocks and (expert_ids[len(blocks):] == num_experts).all()
+
+
+@pytest.mark.parametrize("sort", ["kernel", "torch"])
+@pytest.mark.parametrize("skew", [False, True], ids=["even", "skewed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_expert_parallel_shares_match_the_reference_and_sum_to_the_whole(dtype, skew, sort, device, monkeypatch,
+                                                                         assert_matches):
+    """Two ranks of four experts each, other experts' pairs marked remote; skewed: rank 1 gets (almost) none."""
+    if sort == "torch":
+        monkeypatch.setattr(moe, "ALIGN_KERNEL_MAX_PAIRS", 0)
+    x, w13, w2, weights, ids = make_case(37, 8, 3, 64, 64, dtype, device, skew=skew)
+    shares = []
+    for first in (0, 4):
+        local = ids - first
+        local = local.masked_fill((local < 0) | (local >= 4), 4)
+        args = (x, w13[first:first + 4], w2[first:first + 4], weights, local)
+        shares.append(moe.fused_moe(*args, remote_pairs=True))
+        assert_matches(shares[-1], reference.fused_moe(*args, remote_pairs=True))
+    assert_matches(shares[0] + shares[1], reference.fused_moe(x, w13, w2, weights, ids))
+
+
+def test_the_reference_refuses_remote_pairs_it_was_not_told_of():
+    x, w13, w2, weights, ids = make_case(5, 4, 2, 64, 32, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="remote_pairs=True"):
+        reference.fused_moe(x, w13[:2], w2[:2], weights, ids.clamp(max=2))
+
+
 def test_fused_moe_of_no_tokens_is_empty(device):
     x, w13, w2, weights, ids = make_case(0, 4, 2, 64, 32, torch.float32, device)
     assert moe.fused_moe(x, w13, w2, weights, ids).shape == (0, 64)

@@ -10,10 +10,9 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from gllm_engine import LLM, SamplingParams
-from gllm_engine.kernels import reference
 from gllm_engine.layers.attention import AttentionMetadata
 from gllm_engine.layers.moe import FusedMoE, select_experts
-from gllm_engine.layers.parallel import TPLayout
+from gllm_engine.layers.parallel import ALL_EXPERTS, EPLayout, TPLayout
 from gllm_engine.models.mixtral import MixtralForCausalLM
 from gllm_engine.models.qwen_moe import QwenMoeForCausalLM
 
@@ -33,13 +32,28 @@ TINY = {
 }
 GREEDY_32 = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 BLOCK_SIZE, MAX_BLOCKS = 4, 16  # per sequence, in the hand-built caches
+# With `sharpen`: router logits of std ~4 and LM-head logits of std ~6 (instead of ~0.16 each), so the
+# experts a token picks and its greedy token win by wide margins.
+SHARPEN = {"mlp.gate.weight": 25.0, "lm_head.weight": 40.0}
 
 
-def make_moe_dir(arch: str, path: Path, seed: int = 0, **overrides) -> Path:
+def make_moe_dir(arch: str, path: Path, seed: int = 0, *, sharpen: bool = False, **overrides) -> Path:
+    """A tiny random `arch` checkpoint in `path`; `sharpen` scales the router and LM head up (see SHARPEN).
+
+    Random tiny models have near-tied router and LM-head logits; a parallel layout sums in another
+    order, and a tie flipped by 1e-7 changes the expert or the token. Sharpened models compare strictly.
+    """
     config_cls, _, values = TINY[arch]
     config = config_cls(**{**SHAPE, **values, "architectures": [arch], **overrides})
     torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(str(path))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if sharpen:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                for suffix, factor in SHARPEN.items():
+                    if name.endswith(suffix):
+                        param.mul_(factor)
+    model.save_pretrained(str(path))
     return path
 
 
@@ -148,27 +162,38 @@ def test_select_experts_is_softmax_top_k(renormalize):
     torch.testing.assert_close(weights, expected)
 
 
-def test_tensor_parallel_expert_shards_sum_to_the_full_layer():
-    """Each rank's slice of the intermediate dimension gives a partial output; the all-reduce sum is exact."""
+@pytest.mark.parametrize("tp_size,ep_size", [(2, 1), (2, 2), (4, 2), (4, 4)])
+def test_expert_and_tensor_parallel_shares_sum_to_the_full_layer(tp_size, ep_size):
+    """Each rank loads only its experts (its slice of each under tp > ep); the all-reduce's sum is the whole layer."""
     g = torch.Generator().manual_seed(3)
-    num_experts, hidden, inter = 4, 16, 12
+    num_experts, hidden, inter, num_tokens = 4, 16, 12, 16
     gate = torch.randn(num_experts, inter, hidden, generator=g)
     up = torch.randn(num_experts, inter, hidden, generator=g)
     down = torch.randn(num_experts, hidden, inter, generator=g)
-    x, router_logits = torch.randn(7, hidden, generator=g), torch.randn(7, num_experts, generator=g)
+    x, router_logits = torch.randn(num_tokens, hidden, generator=g), torch.randn(num_tokens, num_experts, generator=g)
 
-    def layer(tp: TPLayout) -> FusedMoE:
-        moe = FusedMoE(num_experts, 2, hidden, inter, renormalize=True, tp=tp)
+    def layer(tp: TPLayout, ep: EPLayout) -> FusedMoE:
+        moe = FusedMoE(num_experts, 2, hidden, inter, renormalize=True, tp=tp, ep=ep)
         for e in range(num_experts):
             for param, shard, tensor in ((moe.w13, "w1", gate), (moe.w13, "w3", up), (moe.w2, "w2", down)):
                 param.weight_loader(param, tensor[e], (e, shard))
         return moe
 
-    full = layer(TPLayout())
-    weights, ids = select_experts(router_logits, 2, True)
-    partial = [reference.fused_moe(x, m.w13, m.w2, weights, ids) for m in (layer(TPLayout(r, 2)) for r in range(2))]
-    assert partial[0].abs().sum() > 0 and partial[1].abs().sum() > 0
-    torch.testing.assert_close(partial[0] + partial[1], full(x, router_logits))
+    full = layer(TPLayout(), ALL_EXPERTS)
+    per_rank_experts, width = num_experts // ep_size, inter * ep_size // tp_size
+    shares = []
+    for rank in range(tp_size):
+        tp = TPLayout(rank, tp_size)
+        moe = layer(tp, EPLayout.over(tp, ep_size))
+        first_expert, first_col = rank // (tp_size // ep_size) * per_rank_experts, rank % (tp_size // ep_size) * width
+        experts, cols = slice(first_expert, first_expert + per_rank_experts), slice(first_col, first_col + width)
+        assert moe.w13.shape == (per_rank_experts, 2 * width, hidden)
+        assert torch.equal(moe.w13[:, :width], gate[experts, cols])
+        assert torch.equal(moe.w13[:, width:], up[experts, cols])
+        assert torch.equal(moe.w2, down[experts, :, cols])
+        shares.append(moe.partial_forward(x, router_logits))
+    assert all(share.abs().sum() > 0 for share in shares)
+    torch.testing.assert_close(sum(shares), full(x, router_logits))
 
 
 # ---- through the engine ------------------------------------------------------------------------------
