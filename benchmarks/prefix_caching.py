@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import gc
 import random
-import statistics
 import time
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from gllm_cli.metrics import summarize, throughput
 from gllm_engine import LLM, SamplingParams
 
 
@@ -44,11 +44,11 @@ def run(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:
             if out.finished:
                 generated += len(out.outputs[0].token_ids)
     duration = time.perf_counter() - start
-    ttft = sorted(first.values())
+    ttft = summarize(list(first.values()))
+    rates = throughput(duration, len(prompts), sum(map(len, prompts)), generated)
     stats = engine.stats()
-    return dict(duration=duration, ttft_mean=statistics.mean(ttft), ttft_median=statistics.median(ttft),
-                ttft_p90=ttft[int(0.9 * (len(ttft) - 1))], requests_per_s=len(prompts) / duration,
-                total_tokens_per_s=(sum(map(len, prompts)) + generated) / duration,
+    return dict(duration=duration, ttft_mean=ttft["mean"], ttft_median=ttft["median"], ttft_p90=ttft["p90"],
+                requests_per_s=rates.requests_per_s, total_tokens_per_s=rates.total_tokens_per_s,
                 hit_rate=stats.prefix_cache_hits / max(1, stats.prefix_cache_queries))
 
 

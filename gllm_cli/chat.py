@@ -7,13 +7,14 @@ import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Protocol
 
 import typer
 from rich.console import Console
 
 from gllm_cli.errors import friendly_errors
 from gllm_cli.options import with_engine_options
+from gllm_cli.remote import checked
 from gllm_engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ class RemoteBackend:
                 response = self.client.get("/models")
             except httpx.HTTPError as e:
                 raise ValueError(f"cannot reach {self.url}: {e}") from None
-            self.model = _checked(response).json()["data"][0]["id"]
+            self.model = checked(response).json()["data"][0]["id"]
         else:
             self.model = model
 
@@ -87,7 +88,7 @@ class RemoteBackend:
             with self.client.stream("POST", "/chat/completions", json=body) as response:
                 if response.status_code != 200:
                     response.read()
-                    _checked(response)
+                    checked(response)
                 for line in response.iter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
@@ -100,17 +101,6 @@ class RemoteBackend:
                             yield delta
         except httpx.HTTPError as e:
             raise ValueError(f"lost the connection to {self.url}: {e}") from None
-
-
-def _checked(response) -> Any:
-    """`response` if it is a success; otherwise ValueError with the server's error message."""
-    if response.is_success:
-        return response
-    try:
-        message = response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = response.text[:200]
-    raise ValueError(f"the server answered {response.status_code}: {message}")
 
 
 def parse_params(words: list[str], current: dict) -> dict:

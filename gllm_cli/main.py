@@ -5,8 +5,11 @@ from typing import Any
 
 import typer
 
+from gllm_cli.bench import bench
 from gllm_cli.chat import chat
 from gllm_cli.errors import print_error
+from gllm_cli.eval_mmlu_pro import eval_app
+from gllm_cli.profile import profile
 from gllm_cli.serve import serve
 
 # The click that this typer parses with (recent typer versions vendor their own copy).
@@ -29,7 +32,7 @@ class _Gllm(typer.Typer):
         except _errors.ClickException as e:
             print_error(e.format_message())
             sys.exit(e.exit_code)
-        except _errors.Abort:
+        except typer.Abort:
             sys.exit(1)
         if isinstance(code, int) and code:  # typer.Exit(code) raised by a command
             sys.exit(code)
@@ -40,6 +43,9 @@ app = _Gllm(name="gllm", help="gLLM: serve, chat with, benchmark and evaluate LL
             pretty_exceptions_enable=False, add_completion=True)
 app.command()(serve)
 app.command()(chat)
+app.command()(bench)
+app.add_typer(eval_app)
+app.command()(profile)
 
 if __name__ == "__main__":
     app()

@@ -14,17 +14,23 @@ valid embedding rows. Pass `with_tokenizer=False` for a model without tokenizer 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import shutil
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import gguf
 import torch
+import uvicorn
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
+from gllm_engine.executor.launcher import free_port
 from gllm_engine.loader.default_model import default_model_path
 
 TINY_MODEL_TYPES = {
@@ -113,3 +119,26 @@ def write_tiny_gguf(model_dir: Path, out: Path | None = None, *, eot_token_id: i
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+@contextlib.contextmanager
+def serve_app(app: Any) -> Iterator[str]:
+    """Serve an ASGI app (e.g. a fake OpenAI server) with uvicorn on a free local port, in a thread; its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"uvicorn did not start on port {port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def table_cells(line: str) -> list[str]:
+    """The cells of one row of a rich table as printed (box-drawn, no colour)."""
+    return [c.strip() for c in line.strip().strip("│").split("│")]
