@@ -508,6 +508,7 @@ def bench(
                                max_concurrency=max_concurrency, seed=seed, console=console)
 
     if url:
+        from gllm_engine.loader import ModelLoadError
         from gllm_engine.loader.default_model import default_model_path
         from gllm_engine.loader.tokenizer import load_tokenizer
 
@@ -515,7 +516,7 @@ def bench(
         if tokenizer_path is None:
             try:
                 tokenizer_path = str(default_model_path())
-            except FileNotFoundError:  # token-id workloads need no tokenizer; the others say so
+            except ModelLoadError:  # token-id workloads need no tokenizer; the others say so
                 tokenizer_path = None
         tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
 

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from gllm_cli.serve import spawn_server
+from gllm_engine.loader import ModelLoadError
 from gllm_engine.loader.tokenizer import load_tokenizer
 from tests.helpers import serve_app, table_cells
 
@@ -137,6 +138,20 @@ def test_online_against_gllm_serve(gllm, server, tiny_llama, tmp_path, endpoint)
     assert 0 < prefix["hits"] <= prefix["queries"] and prefix["hit_rate"] == prefix["hits"] / prefix["queries"]
     rows = {cells[0]: cells[1:] for cells in map(table_cells, result.output.splitlines()) if cells[0]}
     assert rows["Prefix-cache hit rate"][0].startswith(f"{prefix['hit_rate']:.1%} ({prefix['hits']:,} of")
+
+
+def test_online_token_ids_without_any_tokenizer(gllm, server, tmp_path, monkeypatch):
+    def not_installed() -> str:
+        raise ModelLoadError("the default model is not installed")
+
+    monkeypatch.setattr("gllm_engine.loader.default_model.default_model_path", not_installed)  # as on a bare GPU box
+    prompts, out = tmp_path / "ids.jsonl", tmp_path / "bench.json"
+    prompts.write_text("\n".join(json.dumps({"prompt_token_ids": [11 + i, 12, 13], "output_len": 2})
+                                 for i in range(3)) + "\n")
+    result = gllm("bench", "--url", f"{server}/v1", "--jsonl", prompts, "--ignore-eos", "--output-json", out)
+    assert result.exit_code == 0, result.output
+    ok = check_figures(json.loads(out.read_text()), 3)
+    assert all(r["prompt_tokens"] == 3 and r["output_tokens"] == 2 for r in ok)  # the server's usage report
 
 
 def streaming_server(words: list[str]) -> Starlette:
