@@ -7,6 +7,9 @@ between: first the offline `LLM.generate` on all requests, then a `gllm serve` p
 `--client-procs` processes, so that parsing the streams never limits the server. Prints output
 tokens/s of each path and the server's share of the offline throughput.
 
+The server runs its engine in a process of its own on a GPU (`--engine-process`) and on a thread
+elsewhere, as `gllm serve` does by default; `--engine-process/--no-engine-process` forces either.
+
 Requests: `--requests-file` (saved by offline_throughput.py --save-requests), or ShareGPT sampled
 as offline_throughput.py does.
 
@@ -34,6 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gllm_cli.datasets import BenchRequest, load_requests
+from gllm_cli.metrics import throughput
 from gllm_cli.serve import spawn_server
 
 SERVER_START_LIMIT_S = 900.0  # loading and CUDA-graph capture of a large model
@@ -47,6 +51,17 @@ def engine_flags(args: argparse.Namespace) -> dict[str, object]:
                 gpu_memory_utilization=args.gpu_memory_util)
 
 
+def uses_engine_process(args: argparse.Namespace) -> bool:
+    """Whether the server gets its engine in a process of its own: as asked, else on a GPU."""
+    if args.engine_process is not None:
+        return args.engine_process
+    if args.device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return args.device.startswith("cuda")
+
+
 def serve_args(args: argparse.Namespace) -> list[str]:
     flags = [args.model] if args.model else []
     for key, value in engine_flags(args).items():
@@ -55,7 +70,8 @@ def serve_args(args: argparse.Namespace) -> list[str]:
             flags += [flag] if value else []
         elif value is not None:
             flags += [flag, str(value)]
-    return [*flags, "--no-access-log"]
+    engine = "--engine-process" if uses_engine_process(args) else "--no-engine-process"
+    return [*flags, engine, "--no-access-log"]
 
 
 def offline(args: argparse.Namespace, requests: list[BenchRequest], result_path: str) -> None:
@@ -180,8 +196,9 @@ def row(name: str, requests: list[BenchRequest], result: dict) -> dict:
     tokens = result["tokens"]
     wrong = sum(1 for t, r in zip(tokens, requests) if t != r.output_len)
     done = sum(t for t in tokens if t > 0)
+    rates = throughput(result["seconds"], len(requests) - wrong, 0, done)
     return {"path": name, "requests": len(requests), "seconds": result["seconds"], "output_tokens": done,
-            "output_tokens_per_s": done / result["seconds"], "wrong_or_failed": wrong}
+            "output_tokens_per_s": rates.output_tokens_per_s, "wrong_or_failed": wrong}
 
 
 def main() -> None:
@@ -194,6 +211,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--gpu-memory-util", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                    help="the server's engine in a process of its own (default: on a GPU)")
     ap.add_argument("--requests-file", help="requests saved by offline_throughput.py --save-requests")
     ap.add_argument("--num-prompts", type=int, default=1000)
     ap.add_argument("--max-output-len", type=int, default=None, help="cap output lengths (smoke runs only)")
@@ -215,7 +234,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="gllm-server-overhead-") as tmp:
         off = row("offline LLM.generate", requests, run_offline(args, requests, Path(tmp)))
-    on = row(f"gllm serve, {args.concurrency} SSE streams", requests, run_server(args, requests))
+    engine = "engine process" if uses_engine_process(args) else "engine thread"
+    on = row(f"gllm serve ({engine}), {args.concurrency} SSE streams", requests, run_server(args, requests))
     ratio = on["output_tokens_per_s"] / off["output_tokens_per_s"]
 
     table = Table(title=f"{len(requests)} requests, {sum(r.output_len for r in requests):,} output tokens")

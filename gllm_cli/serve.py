@@ -35,6 +35,10 @@ def serve(
     shutdown_grace: Annotated[float, typer.Option(help="Seconds running requests get to finish on SIGINT/SIGTERM.",
                                                   rich_help_panel=SERVER)] = 10.0,
     access_log: Annotated[bool, typer.Option(help="Log a line per HTTP request.", rich_help_panel=SERVER)] = True,
+    engine_process: Annotated[bool | None, typer.Option(
+        "--engine-process/--no-engine-process",
+        help="Run the engine in a process of its own, apart from HTTP (default: on a GPU or with several ranks; "
+             "else an engine thread).", rich_help_panel=SERVER)] = None,
     *,
     engine_kwargs: dict,
 ) -> None:
@@ -52,7 +56,7 @@ def serve(
         serve_node(config)  # this node only runs its ranks; node 0 serves HTTP
         return
     template = _read_template(chat_template)
-    llm = AsyncLLM(config, max_waiting_requests=max_waiting_requests)
+    llm = AsyncLLM(config, max_waiting_requests=max_waiting_requests, engine_process=engine_process)
     server = OpenAIServer(llm, served_model_name=served_model_name, api_key=api_key, chat_template=template)
     # uvicorn handles SIGINT/SIGTERM while serving (stop accepting, let requests finish for the grace
     # period) and re-raises the signal afterwards; these no-op handlers then let us exit 0.

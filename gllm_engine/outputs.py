@@ -36,8 +36,21 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """When a request reached the front end and when its first generated token did (`time.monotonic()`)."""
+
+    arrival_time: float
+    first_token_time: float | None = None
+
+
+@dataclass
 class RequestOutput:
-    """The state of a request: its prompt and its `n` outputs, cumulative so far."""
+    """The state of a request: its prompt and its `n` outputs.
+
+    Outputs are cumulative so far, or, for `RequestOutputKind.DELTA`, only what each output gained
+    since the request's previous RequestOutput (outputs with nothing new are left out; each
+    `finish_reason` comes once). `metrics` is set by `AsyncLLM`.
+    """
 
     request_id: str
     prompt: str | None
@@ -45,3 +58,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     finished: bool = False
     outputs: list[CompletionOutput] = field(default_factory=list)
+    metrics: RequestMetrics | None = None

@@ -9,9 +9,11 @@ _GREEDY_EPS = 1e-5
 
 
 class RequestOutputKind(enum.Enum):
-    """Which outputs a request yields per engine step: all it has so far, or only the final one."""
+    """Which outputs a request yields per engine step: all it has so far, only what is new since its
+    previous output, or only the final one."""
 
     CUMULATIVE = 0
+    DELTA = 1
     FINAL_ONLY = 2
 
 

@@ -66,6 +66,9 @@ class EngineCore:
         # A sequence must fit in the whole cache, or preempting everything else would not let it grow.
         self.max_seq_len = min(config.model.max_model_len, num_blocks * config.cache.block_size)
         self.requests: dict[str, Request] = {}
+        # DELTA outputs: per sequence, the output tokens and text characters already reported, and
+        # whether its finish was.
+        self._reported: dict[int, tuple[int, int, bool]] = {}
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
 
@@ -101,8 +104,8 @@ class EngineCore:
                 continue
             for seq in req.seqs:
                 self.scheduler.finish(seq, "abort")
-                self.encoder.forget(seq.seq_id)
             outputs.append(self._output(req))
+            self._forget(req)
         return outputs
 
     def has_unfinished_requests(self) -> bool:
@@ -110,7 +113,8 @@ class EngineCore:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; outputs (cumulative) of the requests that advanced or finished.
+        """Run one engine step; outputs of the requests that advanced or finished, as each one's
+        `output_kind` asks (FINAL_ONLY requests only once they finish).
 
         Keeps up to pipeline-depth micro-batches in flight, then waits for the oldest.
         """
@@ -181,9 +185,13 @@ class EngineCore:
                 outputs.append(self._output(req))
             if req.finished:
                 del self.requests[req.request_id]
-                for seq in req.seqs:
-                    self.encoder.forget(seq.seq_id)
+                self._forget(req)
         return outputs
+
+    def _forget(self, req: Request) -> None:
+        for seq in req.seqs:
+            self.encoder.forget(seq.seq_id)
+            self._reported.pop(seq.seq_id, None)
 
     def _check_finished(self, seq: Sequence, token: int, new_chars: int) -> None:
         p = seq.params
@@ -208,14 +216,35 @@ class EngineCore:
         return result
 
     def _output(self, req: Request) -> RequestOutput:
-        outs = [CompletionOutput(index=s.index, text=s.text, token_ids=s.output_token_ids,
-                                 finish_reason=s.finish_reason, stop_reason=s.stop_reason,
-                                 logprobs=list(s.logprobs) if s.logprobs is not None else None)
-                for s in req.seqs]
+        if req.params.output_kind is RequestOutputKind.DELTA:
+            outs = [out for s in req.seqs if (out := self._delta(s)) is not None]
+        else:
+            outs = [CompletionOutput(index=s.index, text=s.text, token_ids=s.output_token_ids,
+                                     finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+                                     logprobs=list(s.logprobs) if s.logprobs is not None else None)
+                    for s in req.seqs]
         return RequestOutput(request_id=req.request_id, prompt=req.prompt,
                              prompt_token_ids=req.prompt_token_ids,
                              num_cached_tokens=max(s.num_cached_tokens for s in req.seqs),
                              finished=req.finished, outputs=outs)
+
+    def _delta(self, seq: Sequence) -> CompletionOutput | None:
+        """What `seq` gained since its last report, or None if nothing did.
+
+        While it runs, the last len(longest stop string) - 1 characters are held back: they may
+        turn out to begin a stop string, which the final text leaves out.
+        """
+        num_tokens, num_chars, told_finish = self._reported.get(seq.seq_id, (0, 0, False))
+        end = len(seq.text)
+        if seq.params.stop and not seq.finished:
+            end = max(num_chars, end - max(len(s) for s in seq.params.stop) + 1)
+        if seq.num_output_tokens == num_tokens and end == num_chars and told_finish == seq.finished:
+            return None
+        self._reported[seq.seq_id] = (seq.num_output_tokens, end, seq.finished)
+        return CompletionOutput(index=seq.index, text=seq.text[num_chars:end],
+                                token_ids=seq.token_ids[seq.num_prompt_tokens + num_tokens:],
+                                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                                logprobs=seq.logprobs[num_tokens:] if seq.logprobs is not None else None)
 
     def stats(self) -> EngineStats:
         return EngineStats(

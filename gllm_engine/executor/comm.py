@@ -48,8 +48,12 @@ class RankComm:
                                f"--master-addr/--master-port and that node 0 is running") from None
         dist.init_process_group(backend, store=store, rank=rank, world_size=self.world_size,
                                 timeout=timedelta(seconds=timeout_s))
-        self.object_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-        self._check_same_setup(fingerprint)
+        try:
+            self.object_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+            self._check_same_setup(fingerprint)
+        except BaseException:  # leave the group, so this process can start another engine
+            dist.destroy_process_group()
+            raise
         tp_groups = [dist.new_group(list(range(s * self.tp_size, (s + 1) * self.tp_size)))
                      for s in range(self.pp_size)]
         self.pp_rank, tp_rank = divmod(rank, self.tp_size)

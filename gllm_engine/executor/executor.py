@@ -60,7 +60,11 @@ class MultiprocExecutor:
         self._remote_results: queue.Queue = queue.Queue()
         self._result_thread: threading.Thread | None = None
         if is_engine_node:
-            self.worker = self._start_rank0(config, master, show_progress)
+            try:
+                self.worker = self._start_rank0(config, master, show_progress)
+            except BaseException:  # a failed start leaves no rank behind
+                self.procs.stop(timeout=5.0)
+                raise
             self.num_blocks = self.worker.num_blocks
             self.world_size = config.parallel.world_size
             if self.worker.comm.sampling_rank != 0:

@@ -23,7 +23,7 @@ import gllm_engine
 from gllm_engine.entrypoints.async_llm import AsyncLLM, EngineStepError, EngineUnavailableError, QueueFullError
 from gllm_engine.loader.tokenizer import apply_chat_template
 from gllm_engine.outputs import RequestOutput
-from gllm_engine.sampling_params import SamplingParams
+from gllm_engine.sampling_params import RequestOutputKind, SamplingParams
 from gllm_engine.server import protocol as P
 from gllm_engine.server.metrics import ServerMetrics
 
@@ -133,15 +133,18 @@ class OpenAIServer:
 
     async def _generate(self, prompt: Prompt, params: SamplingParams, request_id: str
                         ) -> AsyncIterator[RequestOutput]:
-        """Engine outputs of one request, with errors mapped to API errors and metrics recorded."""
-        start, first, last = time.monotonic(), None, None
+        """Engine outputs of one request (DELTA or FINAL_ONLY), errors mapped to API errors, metrics recorded."""
+        last = None
+        num_tokens: dict[int, int] = {}  # output index -> tokens so far
+        finish_reasons: dict[int, str | None] = {}
         text, ids = prompt
         refused = False
         try:
             async for out in self.llm.generate(ids if text is None else text, params, request_id,
                                                prompt_token_ids=ids):
-                if first is None and any(o.token_ids for o in out.outputs):
-                    first = time.monotonic()
+                for o in out.outputs:
+                    num_tokens[o.index] = num_tokens.get(o.index, 0) + len(o.token_ids)
+                    finish_reasons[o.index] = o.finish_reason
                 last = out
                 yield out
         except QueueFullError as e:
@@ -157,9 +160,8 @@ class OpenAIServer:
             raise P.bad(str(e)) from None
         finally:
             if last is not None and last.finished:
-                self.metrics.observe_request(start, first, time.monotonic(),
-                                             max(len(o.token_ids) for o in last.outputs),
-                                             [o.finish_reason for o in last.outputs])
+                self.metrics.observe_request(last.metrics.arrival_time, last.metrics.first_token_time,
+                                             time.monotonic(), max(num_tokens.values()), list(finish_reasons.values()))
             elif not refused:  # the client left, or the engine failed: the request was aborted
                 self.metrics.observe_abort(params.n)
 
@@ -278,6 +280,7 @@ class OpenAIServer:
         params = P.sampling_params(body, chat=False)
         echo = P.field(body, "echo", "bool", False)
         stream = P.field(body, "stream", "bool", False)
+        params.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
         include_usage = P.include_usage(body) if stream else False
         prompts = [self._prompt(p) for p in P.prompts(body)]
         rid = P.new_id("cmpl")
@@ -292,27 +295,27 @@ class OpenAIServer:
                     "choices": choices, **extra}
 
         if stream:
+            chunks = P.ChunkEncoder(id=rid, object="text_completion", created=P.now(), model=self.model_name)
+
             async def events() -> AsyncIterator[str]:
-                chars: dict[int, int] = {}  # choice index -> characters sent
-                tokens: dict[int, int] = {}  # choice index -> tokens whose logprobs were sent
+                started: set[int] = set()  # choice indices whose first chunk (with the echo) went out
                 totals = [0, 0, 0]  # prompt, completion, cached tokens
                 async for pi, out in self._merge(prompts, params, rid):
-                    for o in out.outputs:
+                    for o in out.outputs:  # each output holds only what is new
                         idx = pi * params.n + o.index
-                        prefix = echoed(pi) if idx not in chars else ""
-                        delta = o.text[chars.get(idx, 0):]
-                        if not (prefix or delta or o.finish_reason):
+                        totals[1] += len(o.token_ids)
+                        prefix = echoed(pi) if idx not in started else ""
+                        if not (prefix or o.text or o.finish_reason or o.logprobs):
                             continue
-                        lp = P.completion_logprobs(o, tok, tokens.get(idx, 0))
-                        chars[idx], tokens[idx] = len(o.text), len(o.token_ids)
-                        yield P.sse(response([{"index": idx, "text": prefix + delta, "logprobs": lp,
-                                               "finish_reason": o.finish_reason}]))
+                        started.add(idx)
+                        yield chunks.event([{"index": idx, "text": prefix + o.text,
+                                             "logprobs": P.completion_logprobs(o, tok),
+                                             "finish_reason": o.finish_reason}])
                     if out.finished:
                         totals[0] += len(out.prompt_token_ids)
-                        totals[1] += sum(len(o.token_ids) for o in out.outputs)
                         totals[2] += out.num_cached_tokens
                 if include_usage:
-                    yield P.sse(response([], usage=P.usage(*totals)))
+                    yield chunks.event([], usage=P.usage(*totals))
                 yield P.DONE
 
             return await self._stream(request, events())
@@ -337,6 +340,7 @@ class OpenAIServer:
         messages = P.messages(body)
         params = P.sampling_params(body, chat=True)
         stream = P.field(body, "stream", "bool", False)
+        params.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
         include_usage = P.include_usage(body) if stream else False
         prompt = self._prompt(self._chat_ids(messages))
         num_prompt = len(prompt[1])
@@ -344,32 +348,28 @@ class OpenAIServer:
         rid = P.new_id("chatcmpl")
         tok = self.llm.tokenizer
 
-        def chunk(choices: list[dict], **extra: Any) -> str:
-            return P.sse({"id": rid, "object": "chat.completion.chunk", "created": P.now(),
-                          "model": self.model_name, "choices": choices, **extra})
-
         if stream:
+            chunks = P.ChunkEncoder(id=rid, object="chat.completion.chunk", created=P.now(), model=self.model_name)
+
             async def events() -> AsyncIterator[str]:
-                chars: dict[int, int] = {}
-                tokens: dict[int, int] = {}
+                opened: set[int] = set()
+                num_completion = 0
                 final = None
                 async for _, out in self._merge([prompt], params, rid):
-                    for o in out.outputs:
-                        if o.index not in chars:  # OpenAI opens each choice with the role
-                            chars[o.index] = tokens[o.index] = 0
-                            yield chunk([{"index": o.index, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": None, "finish_reason": None}])
-                        delta = o.text[chars[o.index]:]
-                        if not delta and o.finish_reason is None:
+                    for o in out.outputs:  # each output holds only what is new
+                        num_completion += len(o.token_ids)
+                        if o.index not in opened:  # OpenAI opens each choice with the role
+                            opened.add(o.index)
+                            yield chunks.event([{"index": o.index, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}])
+                        if not o.text and o.finish_reason is None and not o.logprobs:
                             continue
-                        lp = P.chat_logprobs(o, tok, top_n, tokens[o.index])
-                        chars[o.index], tokens[o.index] = len(o.text), len(o.token_ids)
-                        yield chunk([{"index": o.index, "delta": {"content": delta} if delta else {},
-                                      "logprobs": lp, "finish_reason": o.finish_reason}])
+                        yield chunks.event([{"index": o.index, "delta": {"content": o.text} if o.text else {},
+                                             "logprobs": P.chat_logprobs(o, tok, top_n),
+                                             "finish_reason": o.finish_reason}])
                     final = out
                 if include_usage and final is not None:
-                    yield chunk([], usage=P.usage(num_prompt, sum(len(o.token_ids) for o in final.outputs),
-                                                  final.num_cached_tokens))
+                    yield chunks.event([], usage=P.usage(num_prompt, num_completion, final.num_cached_tokens))
                 yield P.DONE
 
             return await self._stream(request, events())

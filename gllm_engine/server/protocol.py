@@ -210,6 +210,21 @@ def _bytes(lp: Logprob, token_id: int, tokenizer: Any) -> list[int]:
     return list(_text(lp, token_id, tokenizer).encode("utf-8"))
 
 
+_encode = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def sse(obj: dict) -> str:
     """One server-sent event carrying `obj` as JSON; a stream ends with `DONE`."""
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {_encode(obj)}\n\n"
+
+
+class ChunkEncoder:
+    """The SSE events of one streamed response: `{**shared, "choices": [...], **extra}` per chunk, with the
+    fields every chunk shares (id, object, created, model) encoded once."""
+
+    def __init__(self, **shared: Any):
+        self._head = f"data: {_encode(shared)[:-1]}, \"choices\": "
+
+    def event(self, choices: list[dict], **extra: Any) -> str:
+        tail = f", {_encode(extra)[1:-1]}" if extra else ""
+        return f"{self._head}{_encode(choices)}{tail}}}\n\n"
