@@ -236,10 +236,13 @@ class ServerBackend:
                         raise ValueError(f"the server reported: {event['error'].get('message')}")
                     usage = event.get("usage") or usage
                     for choice in event.get("choices") or []:
-                        piece = (choice.get("delta") or {}).get("content") if self.endpoint is Endpoint.chat \
-                            else choice.get("text")
+                        delta = choice.get("delta") or {}
+                        piece = delta.get("content") if self.endpoint is Endpoint.chat else choice.get("text")
                         if piece:
                             pieces.append(piece)
+                        # A chunk of new tokens counts even without text (a partial character, or a server
+                        # with no tokenizer); chat's opening chunk (the role) and a bare finish chunk do not.
+                        if piece or (piece is not None and "role" not in delta and choice.get("finish_reason") is None):
                             on_update()
         except httpx.HTTPError as e:
             raise ValueError(f"{type(e).__name__}: {e}") from None

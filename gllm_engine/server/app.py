@@ -305,8 +305,8 @@ class OpenAIServer:
                         idx = pi * params.n + o.index
                         totals[1] += len(o.token_ids)
                         prefix = echoed(pi) if idx not in started else ""
-                        if not (prefix or o.text or o.finish_reason or o.logprobs):
-                            continue
+                        if not (prefix or o.text or o.token_ids or o.finish_reason or o.logprobs):
+                            continue  # (a token with no text yet still gets a chunk: clients time it)
                         started.add(idx)
                         yield chunks.event([{"index": idx, "text": prefix + o.text,
                                              "logprobs": P.completion_logprobs(o, tok),
@@ -362,9 +362,10 @@ class OpenAIServer:
                             opened.add(o.index)
                             yield chunks.event([{"index": o.index, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}])
-                        if not o.text and o.finish_reason is None and not o.logprobs:
-                            continue
-                        yield chunks.event([{"index": o.index, "delta": {"content": o.text} if o.text else {},
+                        if not (o.text or o.token_ids or o.finish_reason or o.logprobs):
+                            continue  # (a token with no text yet still gets a chunk: clients time it)
+                        yield chunks.event([{"index": o.index,
+                                             "delta": {"content": o.text} if o.text or o.token_ids else {},
                                              "logprobs": P.chat_logprobs(o, tok, top_n),
                                              "finish_reason": o.finish_reason}])
                     final = out

@@ -140,18 +140,32 @@ def test_online_against_gllm_serve(gllm, server, tiny_llama, tmp_path, endpoint)
     assert rows["Prefix-cache hit rate"][0].startswith(f"{prefix['hit_rate']:.1%} ({prefix['hits']:,} of")
 
 
-def test_online_token_ids_without_any_tokenizer(gllm, server, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def server_without_tokenizer(tiny_model_dir):
+    model = tiny_model_dir("LlamaForCausalLM", with_tokenizer=False)
+    proc, url = spawn_server(str(model), "--cpu-kv-cache-gib", "0.01", "--no-access-log")
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def test_online_token_ids_without_any_tokenizer(gllm, server_without_tokenizer, tmp_path, monkeypatch):
+    """As on a GPU box with dummy weights: no tokenizer anywhere, token-id prompts, a server that streams no text."""
+
     def not_installed() -> str:
         raise ModelLoadError("the default model is not installed")
 
-    monkeypatch.setattr("gllm_engine.loader.default_model.default_model_path", not_installed)  # as on a bare GPU box
+    monkeypatch.setattr("gllm_engine.loader.default_model.default_model_path", not_installed)
     prompts, out = tmp_path / "ids.jsonl", tmp_path / "bench.json"
-    prompts.write_text("\n".join(json.dumps({"prompt_token_ids": [11 + i, 12, 13], "output_len": 2})
+    prompts.write_text("\n".join(json.dumps({"prompt_token_ids": [11 + i, 12, 13], "output_len": 24})
                                  for i in range(3)) + "\n")
-    result = gllm("bench", "--url", f"{server}/v1", "--jsonl", prompts, "--ignore-eos", "--output-json", out)
+    result = gllm("bench", "--url", f"{server_without_tokenizer}/v1", "--jsonl", prompts, "--ignore-eos",
+                  "--max-concurrency", "1", "--output-json", out)
     assert result.exit_code == 0, result.output
     ok = check_figures(json.loads(out.read_text()), 3)
-    assert all(r["prompt_tokens"] == 3 and r["output_tokens"] == 2 for r in ok)  # the server's usage report
+    assert all(r["prompt_tokens"] == 3 and r["output_tokens"] == 24 for r in ok)  # the server's usage report
+    # Text-less chunks still time the tokens: the first token comes before the end, then more follow.
+    assert all(r["ttft_ms"] < r["e2el_ms"] and r["itl_ms"] for r in ok)
 
 
 def streaming_server(words: list[str]) -> Starlette:
