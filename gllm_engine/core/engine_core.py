@@ -74,8 +74,11 @@ class EngineCore:
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> None:
-        """Queue a request; ValueError (with the numbers) if it cannot be served."""
+                    prompt: str | None = None, cache_salt: str | None = None) -> None:
+        """Queue a request; ValueError (with the numbers) if it cannot be served.
+
+        `cache_salt`: reuse only cached blocks of requests with the same salt (see core.kv_cache).
+        """
         max_len = self.max_seq_len
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -89,7 +92,7 @@ class EngineCore:
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
         params.eos_token_ids = tuple(self.eos_token_ids)
-        req = Request.create(request_id, prompt_token_ids, params, prompt)
+        req = Request.create(request_id, prompt_token_ids, params, prompt, cache_salt)
         for seq in req.seqs:
             self.scheduler.add(seq)
         self.requests[request_id] = req

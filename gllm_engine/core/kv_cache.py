@@ -19,6 +19,12 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
     return (num_tokens + block_size - 1) // block_size
 
 
+def root_key(cache_salt: str | None) -> int:
+    """The parent of a sequence's first block key: 0, or a hash of its cache salt (whatever else shapes
+    its KV entries, e.g. an adapter or a tenant), so that only sequences with equal salts share blocks."""
+    return 0 if cache_salt is None else hash(("cache_salt", cache_salt))
+
+
 def block_keys(token_ids: list[int], block_size: int, num_blocks: int, start: int = 0,
                parent: int = 0) -> list[BlockKey]:
     """Keys of full blocks `start..num_blocks-1`; `parent` is the hash of block `start-1`'s key."""
@@ -125,7 +131,7 @@ class KVCacheManager:
             return []
         full = (seq.num_tokens - 1) // self.block_size
         found = []
-        for key in block_keys(seq.token_ids, self.block_size, full):
+        for key in block_keys(seq.token_ids, self.block_size, full, parent=root_key(seq.cache_salt)):
             block = self.pool.cached.get(key)
             if block is None:
                 break
@@ -169,7 +175,7 @@ class KVCacheManager:
         start, end = seq.num_named_blocks, num_tokens // self.block_size
         if end <= start:
             return
-        parent = hash(seq.last_block_key) if seq.last_block_key is not None else 0
+        parent = hash(seq.last_block_key) if seq.last_block_key is not None else root_key(seq.cache_salt)
         keys = block_keys(seq.token_ids, self.block_size, end, start, parent)
         for b, key in zip(seq.block_ids[start:end], keys):
             self.pool.name(b, key)

@@ -42,6 +42,8 @@ class Sequence:
     num_named_blocks: int = 0
     last_block_key: tuple | None = None
     num_preemptions: int = 0
+    # Whatever else shapes this sequence's KV entries; only sequences with the same salt share cached blocks.
+    cache_salt: str | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[dict[int, Logprob]] | None = None
@@ -80,7 +82,7 @@ class Request:
 
     @classmethod
     def create(cls, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-               prompt: str | None = None) -> Request:
+               prompt: str | None = None, cache_salt: str | None = None) -> Request:
         req = cls(request_id, prompt, list(prompt_token_ids), params)
         for i in range(params.n):
             child = params
@@ -88,7 +90,7 @@ class Request:
                 # Distinct but reproducible streams for the n samples of a seeded request.
                 child = SamplingParams(**{**params.__dict__, "n": 1, "seed": params.seed + i})
             req.seqs.append(Sequence(request_id, i, list(prompt_token_ids), len(prompt_token_ids), child,
-                                     logprobs=[] if params.logprobs is not None else None))
+                                     logprobs=[] if params.logprobs is not None else None, cache_salt=cache_salt))
         return req
 
     @property

@@ -219,7 +219,8 @@ class AsyncLLM:
         return self._dead
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str, *,
-                       prompt_token_ids: list[int] | None = None) -> AsyncIterator[RequestOutput]:
+                       prompt_token_ids: list[int] | None = None,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine produces them, shaped by `params.output_kind`; the last
         has `finished`. Each carries `metrics` (arrival and first-token times).
 
@@ -227,7 +228,8 @@ class AsyncLLM:
         holds its ids) or token ids. Raises ValueError for a request the engine rejects,
         QueueFullError when the waiting queue is full, EngineUnavailableError when the engine takes
         no requests (or goes away meanwhile), EngineStepError if an engine step fails meanwhile.
-        Leaving the iteration early (break, cancellation) aborts the request.
+        Leaving the iteration early (break, cancellation) aborts the request. `cache_salt`: share cached
+        prefix blocks only with requests of the same salt.
         """
         if isinstance(prompt, str):
             text, token_ids = prompt, prompt_token_ids if prompt_token_ids is not None else self._encode(prompt)
@@ -247,7 +249,7 @@ class AsyncLLM:
             self._streams[request_id] = stream
             self._num_pending += 1
         # The engine always reports deltas; the stream shapes them for the consumer.
-        self._client.send(("add", (request_id, token_ids, replace(params, output_kind=_DELTA), None)))
+        self._client.send(("add", (request_id, token_ids, replace(params, output_kind=_DELTA), None, cache_salt)))
         try:
             while True:
                 out = await stream.get()

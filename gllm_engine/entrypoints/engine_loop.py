@@ -3,7 +3,7 @@
 The same loop runs on a thread of the server's process or alone in an engine process
 (`engine_process_main`); only the way its messages travel differs (`engine_client`).
 
-Commands in: ("add", (request_id, prompt_token_ids, params, prompt)), ("abort", request_id),
+Commands in: ("add", (request_id, prompt_token_ids, params, prompt, cache_salt)), ("abort", request_id),
 ("stop", None). Out: one `EngineBatch` after each round of commands and after each step.
 
 `AsyncLLM` runs every request with `RequestOutputKind.DELTA`: a batch carries, per request that
@@ -114,12 +114,12 @@ class EngineLoop:
         self._emit(deltas, errors, num_added)
         return True
 
-    def _add(self, request_id: str, token_ids: list[int], params: SamplingParams,
-             prompt: str | None) -> Exception | None:
+    def _add(self, request_id: str, token_ids: list[int], params: SamplingParams, prompt: str | None,
+             cache_salt: str | None) -> Exception | None:
         try:
             if self.dead:
                 raise EngineUnavailableError(self.dead)
-            self.engine.add_request(request_id, token_ids, params, prompt)
+            self.engine.add_request(request_id, token_ids, params, prompt, cache_salt)
         except (ValueError, EngineUnavailableError) as e:
             return e
         except Exception as e:

@@ -50,7 +50,8 @@ class LLM:
     def generate(self, prompts: PromptType | list[PromptType],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Generate for each prompt (a string or `{"prompt_token_ids": [...]}`); outputs in input order."""
+        """Generate for each prompt (a string, or a dict of "prompt" or "prompt_token_ids" and an optional
+        "cache_salt"); outputs in input order."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         # Offline callers only see finished requests: skip building per-step outputs.
@@ -61,7 +62,8 @@ class LLM:
             for prompt, p in zip(prompts, params):
                 text, token_ids = self._tokenize(prompt)
                 rid = str(next(self._ids))
-                self.engine.add_request(rid, token_ids, p, prompt=text)
+                salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+                self.engine.add_request(rid, token_ids, p, prompt=text, cache_salt=salt)
                 request_ids.append(rid)
         except Exception:
             self.engine.abort_requests(request_ids)

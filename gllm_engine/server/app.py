@@ -131,7 +131,7 @@ class OpenAIServer:
             raise _ClientGone
         return task.result()
 
-    async def _generate(self, prompt: Prompt, params: SamplingParams, request_id: str
+    async def _generate(self, prompt: Prompt, params: SamplingParams, request_id: str, salt: str | None
                         ) -> AsyncIterator[RequestOutput]:
         """Engine outputs of one request (DELTA or FINAL_ONLY), errors mapped to API errors, metrics recorded."""
         last = None
@@ -141,7 +141,7 @@ class OpenAIServer:
         refused = False
         try:
             async for out in self.llm.generate(ids if text is None else text, params, request_id,
-                                               prompt_token_ids=ids):
+                                               prompt_token_ids=ids, cache_salt=salt):
                 for o in out.outputs:
                     num_tokens[o.index] = num_tokens.get(o.index, 0) + len(o.token_ids)
                     finish_reasons[o.index] = o.finish_reason
@@ -165,18 +165,18 @@ class OpenAIServer:
             elif not refused:  # the client left, or the engine failed: the request was aborted
                 self.metrics.observe_abort(params.n)
 
-    async def _merge(self, prompts: list[Prompt], params: SamplingParams, rid: str
+    async def _merge(self, prompts: list[Prompt], params: SamplingParams, rid: str, salt: str | None
                      ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Outputs of every prompt's request, interleaved as they come, tagged with the prompt's index."""
         if len(prompts) == 1:
-            async for out in self._generate(prompts[0], params, f"{rid}-0"):
+            async for out in self._generate(prompts[0], params, f"{rid}-0", salt):
                 yield 0, out
             return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, prompt: Prompt) -> None:
             try:
-                async for out in self._generate(prompt, params, f"{rid}-{i}"):
+                async for out in self._generate(prompt, params, f"{rid}-{i}", salt):
                     queue.put_nowait((i, out))
                 queue.put_nowait((i, None))
             except Exception as e:
@@ -197,13 +197,13 @@ class OpenAIServer:
             for t in tasks:
                 t.cancel()
 
-    async def _collect(self, request: Request, prompts: list[Prompt], params: SamplingParams, rid: str
-                       ) -> list[RequestOutput]:
+    async def _collect(self, request: Request, prompts: list[Prompt], params: SamplingParams, rid: str,
+                       salt: str | None) -> list[RequestOutput]:
         """The final output of every prompt's request; cancelled if the client leaves."""
 
         async def run() -> list[RequestOutput]:
             finals: list[Any] = [None] * len(prompts)
-            async for i, out in self._merge(prompts, params, rid):
+            async for i, out in self._merge(prompts, params, rid, salt):
                 finals[i] = out
             return finals
 
@@ -282,6 +282,7 @@ class OpenAIServer:
         stream = P.field(body, "stream", "bool", False)
         params.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
         include_usage = P.include_usage(body) if stream else False
+        salt = P.cache_salt(body)
         prompts = [self._prompt(p) for p in P.prompts(body)]
         rid = P.new_id("cmpl")
         tok = self.llm.tokenizer
@@ -300,7 +301,7 @@ class OpenAIServer:
             async def events() -> AsyncIterator[str]:
                 started: set[int] = set()  # choice indices whose first chunk (with the echo) went out
                 totals = [0, 0, 0]  # prompt, completion, cached tokens
-                async for pi, out in self._merge(prompts, params, rid):
+                async for pi, out in self._merge(prompts, params, rid, salt):
                     for o in out.outputs:  # each output holds only what is new
                         idx = pi * params.n + o.index
                         totals[1] += len(o.token_ids)
@@ -321,7 +322,7 @@ class OpenAIServer:
             return await self._stream(request, events())
 
         try:
-            finals = await self._collect(request, prompts, params, rid)
+            finals = await self._collect(request, prompts, params, rid, salt)
         except _ClientGone:
             return Response(status_code=499)
         choices, totals = [], [0, 0, 0]
@@ -342,6 +343,7 @@ class OpenAIServer:
         stream = P.field(body, "stream", "bool", False)
         params.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
         include_usage = P.include_usage(body) if stream else False
+        salt = P.cache_salt(body)
         prompt = self._prompt(self._chat_ids(messages))
         num_prompt = len(prompt[1])
         top_n = params.logprobs or 0
@@ -355,7 +357,7 @@ class OpenAIServer:
                 opened: set[int] = set()
                 num_completion = 0
                 final = None
-                async for _, out in self._merge([prompt], params, rid):
+                async for _, out in self._merge([prompt], params, rid, salt):
                     for o in out.outputs:  # each output holds only what is new
                         num_completion += len(o.token_ids)
                         if o.index not in opened:  # OpenAI opens each choice with the role
@@ -376,7 +378,7 @@ class OpenAIServer:
             return await self._stream(request, events())
 
         try:
-            (out,) = await self._collect(request, [prompt], params, rid)
+            (out,) = await self._collect(request, [prompt], params, rid, salt)
         except _ClientGone:
             return Response(status_code=499)
         choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},

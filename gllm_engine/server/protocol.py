@@ -117,6 +117,14 @@ def sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         raise bad(str(e), param) from None
 
 
+def cache_salt(body: dict) -> str | None:
+    """vLLM's `cache_salt`: requests share cached prefix blocks only with requests of the same salt."""
+    salt = field(body, "cache_salt", "str")
+    if salt is not None and not salt:
+        raise bad("'cache_salt' must be a non-empty string", "cache_salt")
+    return salt
+
+
 def include_usage(body: dict) -> bool:
     """`stream_options.include_usage`: a final chunk with the usage of a streamed request."""
     options = field(body, "stream_options", "object", {})

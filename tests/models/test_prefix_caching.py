@@ -54,3 +54,11 @@ def test_tiny_cache_forces_eviction_and_preemption(model_dir):
     on, _ = run(model_dir, prompts, num_gpu_blocks_override=30)
     off, _ = run(model_dir, prompts, enable_prefix_caching=False)
     assert on == off
+
+
+def test_a_cache_salt_shares_only_with_the_same_salt(model_dir):
+    llm = LLM(str(model_dir), device="cpu", skip_tokenizer_init=True, show_progress=False, block_size=4)
+    salts = [None, "a", "a", "b", None]
+    outs = [llm.generate({"prompt_token_ids": SYSTEM + [1], "cache_salt": salt}, GREEDY)[0] for salt in salts]
+    assert [o.num_cached_tokens for o in outs] == [0, 0, 36, 0, 36]
+    assert len({tuple(o.outputs[0].token_ids) for o in outs}) == 1  # the salt changes what is shared, not the output

@@ -110,6 +110,18 @@ def test_seed_stop_and_logprobs(client, model):
     assert len(c.logprobs.tokens) == 4 and all(len(t) >= 2 for t in c.logprobs.top_logprobs)
 
 
+def test_cache_salt_keeps_prefix_caches_apart(server):
+    prompt = " ".join(["a long shared system prompt"] * 20)  # several full KV blocks
+
+    def cached(salt: str) -> int:
+        body = {"prompt": prompt, "max_tokens": 1, "cache_salt": salt}
+        return post(server, "/v1/completions", body).json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-a") > 0  # the same salt finds the blocks
+    assert cached("tenant-b") == 0  # another salt does not
+
+
 @pytest.mark.parametrize("body,status,param", [
     ('{"messages": [', 400, None),
     ({"messages": "hi"}, 400, "messages"),
@@ -117,6 +129,7 @@ def test_seed_stop_and_logprobs(client, model):
     ({"messages": CHAT, "temperature": -1}, 400, "temperature"),
     ({"messages": CHAT, "top_p": 2}, 400, "top_p"),
     ({"messages": CHAT, "model": "no-such-model"}, 404, "model"),
+    ({"messages": CHAT, "cache_salt": ""}, 400, "cache_salt"),
 ])
 def test_errors_use_openai_shape(server, body, status, param):
     r = post(server, "/v1/chat/completions", body)

@@ -17,8 +17,8 @@ def make_scheduler(num_blocks: int = 64, block_size: int = 4, budget: int = 64, 
     return Scheduler(cfg, KVCacheManager(num_blocks, block_size, enable_prefix_caching=True))
 
 
-def make_seq(tokens: list[int], rid: str = "r", n: int = 1):
-    return Request.create(rid, tokens, SamplingParams(max_tokens=1000, n=n)).seqs
+def make_seq(tokens: list[int], rid: str = "r", n: int = 1, cache_salt: str | None = None):
+    return Request.create(rid, tokens, SamplingParams(max_tokens=1000, n=n), cache_salt=cache_salt).seqs
 
 
 def step(sched: Scheduler, token: int = 99):
@@ -51,6 +51,21 @@ def test_second_identical_prompt_hits_all_full_blocks_but_the_last_token():
     assert b.num_cached_tokens == 8 and b.block_ids[:2] == a.block_ids[:2]
     assert [s.num_new_tokens for s in plan.scheduled if s.seq is b] == [4]
     assert b.block_ids[2] != a.block_ids[2]
+
+
+def test_only_requests_with_the_same_cache_salt_share_blocks():
+    sched = make_scheduler()
+    prompt = list(range(200, 212))
+    seqs = [make_seq(prompt, rid, cache_salt=salt)[0]
+            for rid, salt in (("plain", None), ("a1", "a"), ("a2", "a"), ("b", "b"), ("plain2", None))]
+    for s in seqs:
+        sched.add(s)
+        step(sched)
+    assert [s.num_cached_tokens for s in seqs] == [0, 0, 8, 0, 8]
+    plain, a1, a2, b, plain2 = seqs
+    assert a2.block_ids[:2] == a1.block_ids[:2] and plain2.block_ids[:2] == plain.block_ids[:2]
+    assert not set(b.block_ids) & (set(a1.block_ids) | set(plain.block_ids))
+    check_accounting(sched, seqs)
 
 
 def test_prompts_diverging_inside_a_block_share_only_the_blocks_before():
