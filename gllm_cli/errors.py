@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.markup import escape
 
 from gllm_cli.options import FLAGS
-from gllm_engine.config import ConfigError
 from gllm_engine.loader import ModelLoadError
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -22,6 +21,8 @@ _NAMES = re.compile(r"(?<![\w-])(" + "|".join(k for k in FLAGS if "_" in k) + r"
 
 def user_message(error: BaseException) -> str:
     """The message of a user error, with engine option names spelled as the flags that set them."""
+    from gllm_engine.config import ConfigError  # (torch: only once there is an error to print)
+
     text = str(error)
     if isinstance(error, ConfigError):
         text = _NAMES.sub(lambda m: FLAGS[m[0]], text)

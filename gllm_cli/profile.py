@@ -13,13 +13,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity
-from torch.profiler import profile as torch_profile
 
 from gllm_cli.bench import check_file, pick_dataset, sharegpt_workload
 from gllm_cli.datasets import BenchRequest, random_requests
@@ -58,6 +54,8 @@ def _ms(us: float) -> str:
 
 
 def phase_table(averages: Any, wall_s: float, on_gpu: bool) -> Table:
+    from torch.autograd import DeviceType
+
     """Calls and total time of each engine phase (host time; on the GPU also the device time of its kernels)."""
     by_key = {e.key: e for e in averages if e.key in PHASES and e.device_type == DeviceType.CPU}
     table = Table(title="Engine phases", caption=f"{wall_s * 1000:,.0f} ms profiled; detokenize runs inside output")
@@ -75,6 +73,8 @@ def phase_table(averages: Any, wall_s: float, on_gpu: bool) -> Table:
 
 
 def top_table(averages: Any, top: int, kernels: bool) -> Table:
+    from torch.autograd import DeviceType
+
     """The `top` operators by self CPU time, or (kernels=True) the `top` GPU kernels by self CUDA time."""
     # Phase ranges appear as user annotations, on the GPU's timeline too: they are not operators or kernels.
     events = [e for e in averages if not e.is_user_annotation and e.key not in PHASES]
@@ -117,6 +117,10 @@ def profile(
     engine_kwargs: dict,
 ) -> None:
     """Profile the engine on one batch: a Chrome/Perfetto trace, time per engine phase and the top operators."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
     from gllm_engine.config import EngineConfig
     from gllm_engine.core.engine_core import EngineCore
 

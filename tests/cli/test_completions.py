@@ -38,3 +38,11 @@ def test_bash_completes_subcommands_and_choices(tmp_path):
     env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
     out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.splitlines() == ["mmlu-pro", "sharegpt random jsonl"], out.stderr
+
+
+def test_the_cli_starts_without_torch():
+    """Each <Tab> runs `gllm`: the app and its --help must not import torch or transformers."""
+    code = ("import sys; from gllm_cli.main import app; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
