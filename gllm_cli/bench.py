@@ -166,14 +166,14 @@ class EngineBackend:
         self._ids = itertools.count()
 
     async def send(self, request: BenchRequest, on_update: Callable[[], None]) -> tuple[int, int]:
-        from gllm_engine.sampling_params import SamplingParams
+        from gllm_engine.sampling_params import RequestOutputKind, SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_tokens=request.output_len, ignore_eos=self.ignore_eos)
+        params = SamplingParams(temperature=0.0, max_tokens=request.output_len, ignore_eos=self.ignore_eos,
+                                output_kind=RequestOutputKind.DELTA)  # only the new tokens of each update
         generated = 0
         async for out in self.llm.generate(request.prompt_token_ids, params, f"bench-{next(self._ids)}"):
-            n = len(out.outputs[0].token_ids)
-            if n > generated:
-                generated = n
+            if out.outputs[0].token_ids:
+                generated += len(out.outputs[0].token_ids)
                 on_update()
         return len(request.prompt_token_ids), generated
 

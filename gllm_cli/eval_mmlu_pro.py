@@ -248,14 +248,13 @@ class EngineGenerator:
         self._num = 0
 
     async def complete(self, prompt: str, max_tokens: int) -> str:
-        from gllm_engine.sampling_params import SamplingParams
+        from gllm_engine.sampling_params import RequestOutputKind, SamplingParams
 
         self._num += 1
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=STOP)
-        text = ""
-        async for out in self.llm.generate(prompt, params, f"mmlu-pro-{self._num}"):
-            text = out.outputs[0].text
-        return text
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=STOP,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        (out,) = [out async for out in self.llm.generate(prompt, params, f"mmlu-pro-{self._num}")]
+        return out.outputs[0].text
 
 
 class ServerGenerator:
