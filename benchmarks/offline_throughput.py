@@ -74,24 +74,34 @@ def warmup_requests(requests: list[BenchRequest]) -> list[BenchRequest]:
             for r in (by_len[0], by_len[-1])]
 
 
-def run_gllm(args: argparse.Namespace, requests: list[BenchRequest], report: Callable[[Row], None]) -> None:
-    from gllm_engine import LLM, SamplingParams
+def dummy_gllm(args: argparse.Namespace, config_dir: str) -> Any:
+    """A gLLM `LLM` with dummy weights at the shapes of `config_dir`, configured by the script's options."""
+    from gllm_engine import LLM
 
-    llm = LLM(args.config, load_format="dummy", dtype=args.dtype, device=args.device, skip_tokenizer_init=True,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enforce_eager=args.enforce_eager, show_progress=False)
-    warmup = warmup_requests(requests)
-    llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warmup],
-                 [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in warmup])
+    return LLM(config_dir, load_format="dummy", dtype=args.dtype, device=args.device, skip_tokenizer_init=True,
+               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+               enforce_eager=args.enforce_eager, show_progress=False)
+
+
+def timed_gllm(llm: Any, requests: list[BenchRequest], device: str, use_tqdm: bool = False) -> Row:
+    """Generate every request greedily to its output length (ignore_eos); the throughput row of the run."""
+    from gllm_engine import SamplingParams
+
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
-    sync_device(args.device)
+    sync_device(device)
     start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=True)
-    sync_device(args.device)
+    outs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+    sync_device(device)
     elapsed = time.perf_counter() - start
-    report(throughput_row("gLLM", requests, elapsed, len(outs), sum(len(r.prompt_token_ids) for r in requests),
-                sum(len(o.outputs[0].token_ids) for o in outs)))
+    return throughput_row("gLLM", requests, elapsed, len(outs), sum(len(r.prompt_token_ids) for r in requests),
+                          sum(len(o.outputs[0].token_ids) for o in outs))
+
+
+def run_gllm(args: argparse.Namespace, requests: list[BenchRequest], report: Callable[[Row], None]) -> None:
+    llm = dummy_gllm(args, args.config)
+    timed_gllm(llm, warmup_requests(requests), args.device)  # kernels compile outside the timing
+    report(timed_gllm(llm, requests, args.device, use_tqdm=True))
 
 
 def run_transformers(args: argparse.Namespace, requests: list[BenchRequest], report: Callable[[Row], None]) -> None:

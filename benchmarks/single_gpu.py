@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # this directory's scr
 from offline_throughput import (  # noqa: E402
     STOP_GRACE_S,
     Row,
+    dummy_gllm,
     run_isolated,
     run_transformers,
     sharegpt_requests,
-    sync_device,
-    throughput_row,
+    timed_gllm,
     warmup_requests,
 )
 
@@ -84,31 +83,6 @@ def measure_ceilings(args: argparse.Namespace, _requests: list[BenchRequest], re
                 flops=2 * MATMUL_N**3 / (mm_ms / 1e3)))
 
 
-def _engine(args: argparse.Namespace, config_dir: str) -> Any:
-    from gllm_engine import LLM
-
-    return LLM(config_dir, load_format="dummy", dtype=args.dtype, device=args.device, skip_tokenizer_init=True,
-               max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager, show_progress=False)
-
-
-def _timed(llm: Any, requests: list[BenchRequest], device: str) -> tuple[float, list[Any]]:
-    from gllm_engine import SamplingParams
-
-    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
-    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
-    sync_device(device)
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    sync_device(device)
-    return time.perf_counter() - start, outs
-
-
-def _throughput_row(llm: Any, requests: list[BenchRequest], device: str) -> Row:
-    seconds, outs = _timed(llm, requests, device)
-    return throughput_row("gLLM", requests, seconds, len(outs), sum(len(r.prompt_token_ids) for r in requests),
-                sum(len(o.outputs[0].token_ids) for o in outs))
-
-
 def _fixed_requests(batch: int, prompt_len: int, output_len: int, vocab: int, seed: int) -> list[BenchRequest]:
     """`batch` requests of `prompt_len` random ids (different per request: no prefix is shared)."""
     return [BenchRequest(None, [(seed + 7919 * i + 31 * j) % vocab for j in range(prompt_len)], output_len)
@@ -117,25 +91,24 @@ def _fixed_requests(batch: int, prompt_len: int, output_len: int, vocab: int, se
 
 def gllm_large(args: argparse.Namespace, requests: list[BenchRequest], report) -> None:
     """On --config: the ShareGPT workload, then batch 1, then the sweep; reports after each part."""
-    llm = _engine(args, args.config)
+    llm = dummy_gllm(args, args.config)
     vocab = llm.engine.config.model.hf_config.vocab_size
-    _timed(llm, warmup_requests(requests), args.device)  # compile kernels outside the timing
-    result: dict[str, Any] = dict(engine="gLLM", sharegpt=_throughput_row(llm, requests, args.device))
+    timed_gllm(llm, warmup_requests(requests), args.device)  # compile kernels outside the timing
+    result: dict[str, Any] = dict(engine="gLLM", sharegpt=timed_gllm(llm, requests, args.device))
     report(result)
     prompt_len, output_len = args.batch1
     one = _fixed_requests(1, prompt_len, output_len, vocab, seed=1)
     # the prefill alone, on another prompt of the same length (the same one would hit the prefix cache)
-    first = _fixed_requests(1, prompt_len, 1, vocab, seed=2)
-    first_s, _ = _timed(llm, first, args.device)
-    total_s, outs = _timed(llm, one, args.device)
-    made = len(outs[0].outputs[0].token_ids)
+    first_s = timed_gllm(llm, _fixed_requests(1, prompt_len, 1, vocab, seed=2), args.device)["seconds"]
+    row = timed_gllm(llm, one, args.device)
+    total_s, made = row["seconds"], row["output_tokens"]
     decode_s = total_s - first_s  # the time after the first token (None where noise swamps it)
     result["batch1"] = dict(seconds=total_s, prefill_seconds=first_s, output_tokens=made, tokens_per_s=made / total_s,
                             decode_tokens_per_s=(made - 1) / decode_s if made > 1 and decode_s > 0 else None)
     report(result)
     result["sweep"] = []
     for batch in args.sweep:
-        row = _throughput_row(llm, _fixed_requests(batch, prompt_len, output_len, vocab, seed=batch), args.device)
+        row = timed_gllm(llm, _fixed_requests(batch, prompt_len, output_len, vocab, seed=batch), args.device)
         result["sweep"].append(dict(batch=batch, seconds=row["seconds"], output_tokens_per_s=row["output_tokens_per_s"],
                                     ms_per_step=1e3 * row["seconds"] / output_len))
         report(result)
@@ -143,9 +116,9 @@ def gllm_large(args: argparse.Namespace, requests: list[BenchRequest], report) -
 
 def gllm_small(args: argparse.Namespace, requests: list[BenchRequest], report) -> None:
     """On --small-config: the uniform workload."""
-    llm = _engine(args, args.small_config)
-    _timed(llm, warmup_requests(requests), args.device)
-    report(_throughput_row(llm, requests, args.device))
+    llm = dummy_gllm(args, args.small_config)
+    timed_gllm(llm, warmup_requests(requests), args.device)
+    report(timed_gllm(llm, requests, args.device))
 
 
 def transformers_on(config_dir: str, args: argparse.Namespace) -> argparse.Namespace:
@@ -226,6 +199,7 @@ def main() -> None:
     ap.add_argument("--batch1", type=int, nargs=2, default=[128, 256], metavar=("PROMPT", "OUTPUT"))
     ap.add_argument("--sweep", type=int, nargs="+", default=[1, 8, 32, 128, 256])
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--max-output-len", type=int, default=None, help="cap ShareGPT/uniform outputs (smoke runs)")
     ap.add_argument("--transformers-timeout", type=float, default=120.0)

@@ -6,6 +6,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from torch.profiler import record_function
 
@@ -39,6 +40,14 @@ class EngineStats:
     prefix_cache_hits: int  # of which were found cached
 
 
+def load_engine_tokenizer(config: EngineConfig) -> Any:
+    """The model's tokenizer, or None when it has no tokenizer files or `skip_tokenizer_init` is set."""
+    model = config.model
+    if model.skip_tokenizer_init or model.files.tokenizer_path is None:
+        return None
+    return model.files.load_tokenizer()
+
+
 class EngineCore:
     """Owns the scheduler, the KV-cache bookkeeping and the model runner of a single-rank engine.
 
@@ -47,10 +56,8 @@ class EngineCore:
 
     def __init__(self, config: EngineConfig, *, show_progress: bool = True):
         self.config = config
-        self.tokenizer = None
-        if not config.model.skip_tokenizer_init and config.model.files.tokenizer_path is not None:
-            self.tokenizer = config.model.files.load_tokenizer()
-        elif not config.model.skip_tokenizer_init:
+        self.tokenizer = load_engine_tokenizer(config)
+        if self.tokenizer is None and not config.model.skip_tokenizer_init:
             logger.warning("%s has no tokenizer files: only token-id prompts will work", config.model.name)
         self.eos_token_ids = config.model.files.eos_token_ids(self.tokenizer)
         self.executor = make_executor(config, show_progress=show_progress)

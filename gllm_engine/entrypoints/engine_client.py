@@ -20,15 +20,11 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
-from typing import TYPE_CHECKING
 
 from gllm_engine.config import EngineConfig
-from gllm_engine.core.engine_core import EngineCore, EngineStats
+from gllm_engine.core.engine_core import EngineCore, EngineStats, load_engine_tokenizer
 from gllm_engine.entrypoints.engine_loop import Command, EngineBatch, EngineLoop, engine_process_main
 from gllm_engine.loader import ModelLoadError
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +97,7 @@ class ProcessEngineClient:
         self._stopping = False
         logger.info("engine process %d: loading %s", self.pid, config.model.name)
         try:
-            self.tokenizer = _load_tokenizer(config)
+            self.tokenizer = load_engine_tokenizer(config)
             self.max_model_len, self.stats = self._wait_until_ready(config)
         except BaseException:
             self._kill()
@@ -205,11 +201,3 @@ def _ended(exitcode: int | None) -> str:
     if exitcode is None:
         return "closed its connection"
     return f"died (signal {-exitcode})" if exitcode < 0 else f"exited (exit code {exitcode})"
-
-
-def _load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase | None:
-    """The tokenizer as `EngineCore` loads it (the engine process warns when there is none)."""
-    model = config.model
-    if model.skip_tokenizer_init or model.files.tokenizer_path is None:
-        return None
-    return model.files.load_tokenizer()
