@@ -171,15 +171,17 @@ def test_parquet_without_pyarrow_is_one_line(gllm_error, tmp_path, monkeypatch):
 
 
 def test_parquet_and_json_arrays_read_alike(tmp_path):
-    from gllm_cli.eval_mmlu_pro import read_split
+    import pyarrow as pa  # a dev dependency: CI reads parquet for real
+    import pyarrow.parquet as pq
 
-    pq = pytest.importorskip("pyarrow.parquet")
-    import pyarrow as pa
+    from gllm_cli.eval_mmlu_pro import read_split
 
     records = [record(1, "math", "B"), record(2, "law", "C", options=10)]
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "test.parquet")
     (tmp_path / "test.json").write_text(json.dumps(records))
-    assert read_split([tmp_path / "test.parquet"]) == read_split([tmp_path / "test.json"])
+    from_parquet = read_split([tmp_path / "test.parquet"])
+    assert from_parquet == read_split([tmp_path / "test.json"])
+    assert len(from_parquet.questions) == 2, from_parquet
 
 
 def test_in_process_on_the_tiny_model(gllm, tiny_llama, data_dir, tmp_path):
