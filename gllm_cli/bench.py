@@ -30,7 +30,7 @@ from rich.table import Table
 from gllm_cli.datasets import BenchRequest, random_requests, read_jsonl_prompts, read_sharegpt, sample_sharegpt
 from gllm_cli.errors import friendly_errors
 from gllm_cli.metrics import STATS, RequestMetrics, report
-from gllm_cli.options import with_engine_options
+from gllm_cli.options import ModelOrServedArgument, with_engine_options
 from gllm_cli.remote import auth_headers, checked, served_model, server_root
 
 if TYPE_CHECKING:
@@ -430,9 +430,7 @@ def _check_options(minimums: dict[str, tuple[int | None, int]], range_ratio: flo
 @friendly_errors
 @with_engine_options
 def bench(
-    model: Annotated[str | None, typer.Argument(help="HF model directory or .gguf file (default: embedded SmolLM2); "
-                                                     "with --url, the served model's name (default: the server's).")]
-    = None,
+    model: ModelOrServedArgument = None,
     url: Annotated[str | None, typer.Option(help="Benchmark an OpenAI-compatible server, e.g. http://host:8000/v1.")]
     = None,
     api_key: Annotated[str | None, typer.Option(help="API key for --url.")] = None,

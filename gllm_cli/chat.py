@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from gllm_cli.errors import friendly_errors
-from gllm_cli.options import with_engine_options
+from gllm_cli.options import ModelOrServedArgument, with_engine_options
 from gllm_cli.remote import checked
 from gllm_engine.sampling_params import SamplingParams
 
@@ -198,8 +198,7 @@ def run_repl(backend: Backend, console: Console, params: dict) -> None:
 @friendly_errors
 @with_engine_options
 def chat(
-    model: Annotated[str | None, typer.Argument(help="HF model directory or .gguf file (default: embedded SmolLM2).")]
-    = None,
+    model: ModelOrServedArgument = None,
     url: Annotated[str | None, typer.Option(help="Chat with an OpenAI-compatible server, e.g. http://host:8000/v1.")]
     = None,
     api_key: Annotated[str | None, typer.Option(help="API key for --url.")] = None,

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from gllm_cli.errors import friendly_errors
-from gllm_cli.options import with_engine_options
+from gllm_cli.options import ModelOrServedArgument, with_engine_options
 from gllm_cli.remote import auth_headers, checked, served_model
 
 if TYPE_CHECKING:
@@ -404,9 +404,7 @@ def shot_notes(categories: list[str], shots: dict[str, list[Question]], num_shot
 @friendly_errors
 @with_engine_options
 def mmlu_pro(
-    model: Annotated[str | None, typer.Argument(help="HF model directory or .gguf file (default: embedded SmolLM2); "
-                                                     "with --url, the served model's name (default: the server's).")]
-    = None,
+    model: ModelOrServedArgument = None,
     data: Annotated[list[Path] | None, typer.Option(
         metavar="PATH", help="MMLU-Pro parquet/JSON/JSONL file or directory (repeatable); files named val* are the "
                              "validation split.")] = None,

@@ -16,6 +16,13 @@ import typer
 PANEL = "Engine"
 PARALLEL = "Parallelism"
 
+# The MODEL argument of every subcommand; those that can also reach a server (--url) take the second.
+ModelArgument = Annotated[str | None, typer.Argument(
+    help="HF model directory or .gguf file (default: embedded SmolLM2).")]
+ModelOrServedArgument = Annotated[str | None, typer.Argument(
+    help="HF model directory or .gguf file (default: embedded SmolLM2); with --url, the served model's name "
+         "(default: the server's).")]
+
 # name -> (annotation, default, EngineConfig.create keyword)
 ENGINE_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "device": (Annotated[str, typer.Option(help="auto, cpu or cuda[:N].", rich_help_panel=PANEL)], "auto",

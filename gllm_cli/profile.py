@@ -20,7 +20,7 @@ from rich.table import Table
 from gllm_cli.bench import check_file, pick_dataset, sharegpt_workload
 from gllm_cli.datasets import BenchRequest, random_requests
 from gllm_cli.errors import friendly_errors
-from gllm_cli.options import with_engine_options
+from gllm_cli.options import ModelArgument, with_engine_options
 
 # The engine's record_function ranges, in step order; detokenize runs inside output.
 PHASES = ("schedule", "prepare_inputs", "forward", "sample", "detokenize", "output")
@@ -101,8 +101,7 @@ def graph_replays(averages: Any) -> int:
 @friendly_errors
 @with_engine_options
 def profile(
-    model: Annotated[str | None, typer.Argument(help="HF model directory or .gguf file (default: embedded SmolLM2).")]
-    = None,
+    model: ModelArgument = None,
     batch_size: Annotated[int, typer.Option(help="Requests in the batch.")] = 8,
     input_len: Annotated[int | None, typer.Option(help=f"Prompt tokens per random request [{INPUT_LEN}].")] = None,
     output_len: Annotated[int, typer.Option(help="Tokens each request generates.")] = 32,

@@ -12,7 +12,7 @@ import httpx
 import typer
 
 from gllm_cli.errors import friendly_errors
-from gllm_cli.options import with_engine_options
+from gllm_cli.options import ModelArgument, with_engine_options
 
 SERVER = "Server"
 
@@ -20,8 +20,7 @@ SERVER = "Server"
 @friendly_errors
 @with_engine_options
 def serve(
-    model: Annotated[str | None, typer.Argument(help="HF model directory or .gguf file (default: embedded SmolLM2).")]
-    = None,
+    model: ModelArgument = None,
     host: Annotated[str, typer.Option(help="Address to listen on.", rich_help_panel=SERVER)] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.", rich_help_panel=SERVER)] = 8000,
     served_model_name: Annotated[str | None, typer.Option(help="Model name clients use (default: the model's).",
