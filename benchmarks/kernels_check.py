@@ -144,10 +144,14 @@ def check_prefill(kn: Kernels, num_reqs: int, q_len: int, cached: int, dtype: to
     q = torch.randn(num_reqs * q_len, NUM_HEADS, HEAD_DIM, dtype=dtype, device=device)
     qsl = torch.arange(num_reqs + 1, dtype=torch.int32, device=device) * q_len
     lens = torch.full((num_reqs,), seq_len, dtype=torch.int32, device=device)
-    args = (q, k_cache, v_cache, table, qsl, lens, q_len, SCALE)
+    # The tile map (layers.attention.prefill_tile_map) of equal requests: every (request, query tile).
+    per_req = -(-q_len // kn.attention.prefill_block_m(HEAD_DIM, dtype))
+    tiles = torch.stack([torch.arange(num_reqs).repeat_interleave(per_req), torch.arange(per_req).repeat(num_reqs)])
+    tiles = tiles.to(torch.int32).to(device)
+    args = (q, k_cache, v_cache, table, qsl, lens, tiles, SCALE)
     out = kn.attention.paged_prefill_attention(*args)
     # the truth: the reference in float32
-    expected = kn.ref.paged_prefill_attention(q.float(), k_cache.float(), v_cache.float(), table, qsl, lens, q_len,
+    expected = kn.ref.paged_prefill_attention(q.float(), k_cache.float(), v_cache.float(), table, qsl, lens, tiles,
                                               SCALE)
     err, ok = compare(out, expected)
     us = bench_us(lambda: kn.attention.paged_prefill_attention(*args))

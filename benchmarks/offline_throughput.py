@@ -311,7 +311,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    ap.add_argument("--max-num-seqs", type=int, default=256, help="gLLM")
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="gLLM (default: the engine's)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="gLLM")
     ap.add_argument("--enforce-eager", action="store_true", help="gLLM: no CUDA graphs")
     ap.add_argument("--max-output-len", type=int, default=None, help="cap output lengths (smoke runs only)")

@@ -207,7 +207,7 @@ def main() -> None:
     ap.add_argument("--load-format", default="dummy")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--gpu-memory-util", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")

@@ -198,7 +198,7 @@ def main() -> None:
     ap.add_argument("--uniform-range", type=int, nargs=2, default=[100, 1024], metavar=("LOW", "HIGH"))
     ap.add_argument("--batch1", type=int, nargs=2, default=[128, 256], metavar=("PROMPT", "OUTPUT"))
     ap.add_argument("--sweep", type=int, nargs="+", default=[1, 8, 32, 128, 256])
-    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="gLLM (default: the engine's)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--max-output-len", type=int, default=None, help="cap ShareGPT/uniform outputs (smoke runs)")

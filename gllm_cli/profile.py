@@ -93,6 +93,14 @@ def top_table(averages: Any, top: int, kernels: bool) -> Table:
     return table
 
 
+def gpu_busy_s(averages: Any) -> float:
+    """Seconds the GPU spent running kernels and copies (one stream: they never overlap)."""
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in averages
+               if e.device_type == DeviceType.CUDA and not e.is_user_annotation and e.key not in PHASES) / 1e6
+
+
 def graph_replays(averages: Any) -> int:
     """CUDA-graph launches recorded (the runtime's cudaGraphLaunch calls)."""
     return sum(e.count for e in averages if e.key.startswith("cudaGraphLaunch"))
@@ -148,10 +156,11 @@ def profile(
         else:
             requests = random_requests(batch_size, input_len or INPUT_LEN, output_len, 0.0,
                                        config.model.hf_config.vocab_size, seed)
-        # Outside the trace: first calls (allocations, Triton compilation) and nothing left in the prefix cache
-        # that the batch could hit, since the warm-up prompt is made of other tokens.
-        warm = [BenchRequest(None, [(t + 1) % config.model.hf_config.vocab_size for t in requests[0].prompt_token_ids],
-                             WARMUP_TOKENS)]
+        # Outside the trace: the same batch shapes once (allocations, Triton compilation of every kernel variant
+        # the batch needs), with other tokens, so nothing left in the prefix cache can be hit by the batch.
+        vocab = config.model.hf_config.vocab_size
+        warm = [BenchRequest(None, [(t + 1) % vocab for t in r.prompt_token_ids], min(WARMUP_TOKENS, r.output_len))
+                for r in requests]
         run_batch(engine, warm, "warmup")
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
         with console.status(f"Profiling {len(requests)} requests..."):
@@ -172,7 +181,9 @@ def profile(
                   f"and {generated:,} generated tokens in {wall_s:.2f} s", markup=False)
     console.print(phase_table(averages, wall_s, on_gpu))
     if on_gpu:
-        console.print(f"CUDA-graph replays: {graph_replays(averages):,}", markup=False)
+        busy = gpu_busy_s(averages)
+        console.print(f"GPU busy {busy * 1000:,.0f} ms of {wall_s * 1000:,.0f} ms ({busy / wall_s:.1%}); "
+                      f"CUDA-graph replays: {graph_replays(averages):,}", markup=False)
         console.print(top_table(averages, top, kernels=True))
     console.print(top_table(averages, top, kernels=False))
     console.print(f"trace: {trace} (open in https://ui.perfetto.dev or chrome://tracing)", markup=False)

@@ -20,6 +20,10 @@ _DTYPES = {
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 # Default KV-cache budget on the CPU, in GiB (the CPU has no memory profiling pass).
 DEFAULT_CPU_KV_CACHE_GIB = 4.0
+# Sequences per step when not given: a GPU step reads all the weights once whatever its batch, so more
+# sequences per step raise throughput (ShareGPT on an H200: +10% from 256 to 512, benchmarks/RESULTS.md).
+DEFAULT_MAX_NUM_SEQS = 256
+GPU_MAX_NUM_SEQS = 512
 
 
 class ConfigError(ValueError):
@@ -142,7 +146,7 @@ class EngineConfig:
         num_gpu_blocks_override: int | None = None,
         cpu_kv_cache_gib: float = DEFAULT_CPU_KV_CACHE_GIB,
         enable_prefix_caching: bool = True,
-        max_num_seqs: int = 256,
+        max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
         enable_chunked_prefill: bool = True,
         enforce_eager: bool = False,
@@ -164,7 +168,8 @@ class EngineConfig:
         """Resolve defaults (device, dtype, context length, token budget) and validate every option."""
         if load_format not in LOAD_FORMATS:
             raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
-        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+        for name, value in (("block_size", block_size),
+                            ("max_num_seqs", DEFAULT_MAX_NUM_SEQS if max_num_seqs is None else max_num_seqs),
                             ("tensor_parallel_size", tensor_parallel_size),
                             ("pipeline_parallel_size", pipeline_parallel_size),
                             ("expert_parallel_size", expert_parallel_size)):
@@ -190,6 +195,8 @@ class EngineConfig:
             raise ConfigError("master_port is required when nnodes > 1 (every node must use the same one)")
 
         torch_device = _resolve_device(device)
+        if max_num_seqs is None:
+            max_num_seqs = GPU_MAX_NUM_SEQS if torch_device.type == "cuda" else DEFAULT_MAX_NUM_SEQS
         files = resolve_model_files(model, tokenizer=tokenizer, load_format=load_format)
         hf_config = files.load_hf_config()
         _check_parallel_fit(hf_config, tensor_parallel_size, pipeline_parallel_size, pp_layer_split)

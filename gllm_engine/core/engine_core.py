@@ -185,15 +185,18 @@ class EngineCore:
         if self.tokenizer is not None:
             with record_function("detokenize"):
                 new_chars = [len(decode_new_text(self.tokenizer, seq)) for seq, _ in advanced]
-        touched: dict[str, Request] = {}
+        touched: dict[str, Request] = {}  # requests with something to report
+        final_only = RequestOutputKind.FINAL_ONLY
         for (seq, token), chars in zip(advanced, new_chars):
             self._check_finished(seq, token, chars)
-            touched[seq.request_id] = self.requests[seq.request_id]
+            if seq.finished or seq.params.output_kind is not final_only:
+                touched[seq.request_id] = self.requests[seq.request_id]
         outputs = []
         for req in touched.values():
-            if req.finished or req.params.output_kind is not RequestOutputKind.FINAL_ONLY:
+            finished = req.finished
+            if finished or req.params.output_kind is not final_only:
                 outputs.append(self._output(req))
-            if req.finished:
+            if finished:
                 del self.requests[req.request_id]
                 self._forget(req)
         return outputs

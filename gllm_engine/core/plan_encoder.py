@@ -11,7 +11,9 @@ class PlanEncoder:
 
     def __init__(self) -> None:
         self._sent_tokens: dict[int, int] = {}
-        self._sent_blocks: dict[int, list[int]] = {}
+        # Per sequence, its block list and length when last sent: the KV-cache manager only appends to
+        # a sequence's list or replaces it, so an unchanged (list, length) pair means an unchanged table.
+        self._sent_blocks: dict[int, tuple[list[int], int]] = {}
         self._finished: list[int] = []
 
     def forget(self, seq_id: int) -> None:
@@ -29,9 +31,10 @@ class PlanEncoder:
             upto = seq.num_computed_tokens + s.num_new_tokens
             new_tokens = seq.token_ids[0 if first else known:upto]
             blocks = None
-            if first or self._sent_blocks[seq.seq_id] != seq.block_ids:
+            sent = self._sent_blocks.get(seq.seq_id)
+            if sent is None or sent[0] is not seq.block_ids or sent[1] != len(seq.block_ids):
                 blocks = list(seq.block_ids)
-                self._sent_blocks[seq.seq_id] = blocks
+                self._sent_blocks[seq.seq_id] = (seq.block_ids, len(blocks))
             self._sent_tokens[seq.seq_id] = max(upto, known or 0)
             deltas.append(SeqDelta(seq.seq_id, seq.num_computed_tokens, s.num_new_tokens, s.samples, new_tokens,
                                    blocks, seq.num_prompt_tokens if first else 0, seq.params if first else None))

@@ -77,16 +77,19 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        ready = [s for s in self.running if s.seq_id not in self.in_flight]
-        decodes = [s for s in ready if s.num_tokens - s.num_computed_tokens == 1]
-        prefills = [s for s in ready if s.num_tokens - s.num_computed_tokens > 1]
-        num_running_decodes = sum(1 for s in self.running if s.num_output_tokens > 0)
+        in_flight = self.in_flight
+        decodes, prefills = [], []
+        for s in self.running:
+            if s.seq_id not in in_flight:
+                (decodes if len(s.token_ids) - s.num_computed_tokens == 1 else prefills).append(s)
+        uses_state = self.policy.uses_state
+        num_running_decodes = sum(1 for s in self.running if s.num_output_tokens > 0) if uses_state else 0
         quota = self.policy.decode_quota(num_running_decodes, min(budget, self.config.max_num_seqs))
         for seq in decodes[:quota]:
             if self._grow(seq, 1, out):
                 budget -= 1
 
-        prefill_budget = self.policy.prefill_budget(self._cache_state(), budget)
+        prefill_budget = self.policy.prefill_budget(self._cache_state() if uses_state else None, budget)
         for seq in prefills:
             remaining = seq.num_tokens - seq.num_computed_tokens
             num_new = min(remaining, prefill_budget)

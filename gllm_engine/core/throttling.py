@@ -29,10 +29,14 @@ class CacheState:
 class ChunkedPrefillPolicy:
     """Every ready decode, then prefill chunks up to the step's token budget."""
 
+    # Whether decode_quota and prefill_budget look at their state arguments; when they don't, the
+    # scheduler skips the per-step passes over running and waiting sequences that compute them.
+    uses_state = False
+
     def decode_quota(self, num_running_decodes: int, max_rows: int) -> int:
         return max_rows
 
-    def prefill_budget(self, state: CacheState, token_budget: int) -> int:
+    def prefill_budget(self, state: CacheState | None, token_budget: int) -> int:
         return token_budget
 
     def on_step(self, preempted: bool) -> None:
@@ -41,6 +45,8 @@ class ChunkedPrefillPolicy:
 
 class TokenThrottlePolicy:
     """gLLM's token throttling for `pp_size` micro-batches in flight."""
+
+    uses_state = True
 
     def __init__(self, pp_size: int, config: ThrottleConfig | None = None):
         self.pp_size = pp_size

@@ -191,21 +191,24 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_
 
 
 # ---------------------------------------------------------------------------------------------------
-# Prefill: grid (Hq, query tiles, requests); every query tile reads its whole causal context from the
-# paged cache, so chunked prefill and prefix-cache hits need nothing special.
+# Prefill: grid (Hq, tile map entries); every query tile reads its whole causal context from the paged
+# cache, so chunked prefill and prefix-cache hits need nothing special. The tile map, not the grid,
+# says which request and tile a program takes, so one grid size serves any mix of requests (CUDA graphs).
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tiles", "stride_table"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
-                    out_ptr, qk_scale,
+                    tiles_ptr, out_ptr, qk_scale, num_tiles,
                     stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
                     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     head = tl.program_id(0)
-    tile = tl.num_programs(1) - 1 - tl.program_id(1)  # longest (last) tiles of each request start first
-    req = tl.program_id(2)
+    req = tl.load(tiles_ptr + tl.program_id(1))
+    if req < 0:  # a padded entry of the tile map
+        return
+    tile = tl.load(tiles_ptr + num_tiles + tl.program_id(1))
     q_start = tl.load(query_start_loc_ptr + req)
     q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
     if tile * BLOCK_M >= q_len:
@@ -254,32 +257,38 @@ def _check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     assert q.stride(-1) == out.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1
 
 
+def prefill_block_m(head_dim: int, dtype: torch.dtype) -> int:
+    """Queries per tile of the prefill kernel: the unit of `layers.attention.prefill_tile_map`."""
+    return prefill_config(head_dim, dtype).block_m
+
+
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                            seq_lens: torch.Tensor, max_query_len: int, scale: float,
+                            seq_lens: torch.Tensor, tiles: torch.Tensor, scale: float,
                             out: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention of each request's new queries `[T, Hq, D]` over its whole cached context.
+    """Causal attention of the new queries `[T, Hq, D]` of the requests named in `tiles` over their cached context.
 
     Request b's queries are `q[query_start_loc[b]:query_start_loc[b+1]]`; its j-th query sits at
-    position `seq_lens[b] - q_b + j` and sees cache positions up to and including it.
-    `max_query_len` (at least the longest q_b) sizes the grid.
+    position `seq_lens[b] - q_b + j` and sees cache positions up to and including it. `tiles` `[2, N]`
+    int32 (`layers.attention.prefill_tile_map`, with `prefill_block_m` queries per tile) lists one
+    (request, query tile) per program; request -1 marks padding. Rows of other requests are not written.
     """
     out = torch.empty_like(q) if out is None else out
     _check_attention_args(q, k_cache, v_cache, out)
-    num_reqs = seq_lens.shape[0]
-    if num_reqs == 0 or max_query_len == 0 or q.shape[0] == 0:
+    num_tiles = tiles.shape[1]
+    if num_tiles == 0 or q.shape[0] == 0:
         return out
+    assert tiles.stride(1) == 1 and tiles.stride(0) == num_tiles, "the tile map must be contiguous"
     num_heads, head_dim = q.shape[1], q.shape[2]
-    tiles = prefill_config(head_dim, q.dtype)
-    grid = (num_heads, triton.cdiv(max_query_len, tiles.block_m), num_reqs)
-    _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, scale * _LOG2E,
+    config = prefill_config(head_dim, q.dtype)
+    _prefill_kernel[(num_heads, num_tiles)](
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, tiles, out, scale * _LOG2E, num_tiles,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=num_heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, PAGE_SIZE=k_cache.shape[1],
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **_dot_args(q.dtype))
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, PAGE_SIZE=k_cache.shape[1],
+        num_warps=config.num_warps, num_stages=config.num_stages, **_dot_args(q.dtype))
     return out
 
 
@@ -289,7 +298,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 # output and log-sum-exp and `_split_reduce_kernel` merges them.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_table"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
                    part_out_ptr, part_lse_ptr, qk_scale, num_splits,
                    stride_qb, stride_qh, stride_ob, stride_oh,
@@ -336,7 +345,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
                  acc.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _split_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     req = tl.program_id(0)
@@ -375,7 +384,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
-    tiles = decode_config(head_dim, q.dtype)
+    config = decode_config(head_dim, q.dtype)
     num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * page_size, _num_sms(q.device))
     split = num_splits > 1
     if split:
@@ -390,8 +399,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_N=tiles.block_n, PAGE_SIZE=page_size, SPLIT=split, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages, **_dot_args(q.dtype))
+        BLOCK_N=config.block_n, PAGE_SIZE=page_size, SPLIT=split, num_warps=config.num_warps,
+        num_stages=config.num_stages, **_dot_args(q.dtype))
     if split:
         _split_reduce_kernel[(batch, num_heads)](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),

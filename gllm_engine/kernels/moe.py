@@ -144,7 +144,7 @@ ALIGN_CHUNK = 128  # pairs per step of the program (a [CHUNK, CHUNK] comparison 
 ALIGN_NUM_WARPS = 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "size", "num_blocks"])
 def _align_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, offsets_ptr,
                   num_pairs, num_experts, size, num_blocks,
                   BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr):
@@ -209,7 +209,7 @@ def align_by_expert_kernel(topk_ids: torch.Tensor, num_experts: int, block_m: in
 # Grouped GEMM
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks_m"])
 def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, pair_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
                          N, K, num_pairs, num_blocks_m, stride_am, stride_be, stride_bn, stride_cm,
                          A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, WEIGHTED: tl.constexpr,

@@ -32,20 +32,21 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                            seq_lens: torch.Tensor, max_query_len: int, scale: float,
+                            seq_lens: torch.Tensor, tiles: torch.Tensor, scale: float,
                             out: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention of each request's new queries over its whole cached context.
+    """Causal attention of the new queries of the requests named in `tiles` over their whole cached context.
 
     q: `[T, Hq, D]`, requests packed by `query_start_loc` `[B+1]`. Request b has q_b queries and
     `seq_lens[b]` tokens in the cache (its new tokens already written); its j-th query sits at
-    position `seq_lens[b] - q_b + j` and sees cache positions up to and including it.
+    position `seq_lens[b] - q_b + j` and sees cache positions up to and including it. `tiles` `[2, N]`
+    is the kernel's tile map (`layers.attention.prefill_tile_map`): only its requests (row 0, -1 for
+    padding) are computed, whole, whatever its tiling; rows of other requests are not written.
     """
-    del max_query_len  # only the kernels need it to size their grid
     out = torch.empty_like(q) if out is None else out
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
-    for b, seq_len in enumerate(lens):
-        q_start, q_end = starts[b], starts[b + 1]
+    for b in sorted(set(tiles[0].tolist()) - {-1}):
+        seq_len, q_start, q_end = lens[b], starts[b], starts[b + 1]
         q_len = q_end - q_start
         if q_len == 0:
             continue
@@ -63,10 +64,16 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return out
 
 
+def prefill_block_m(head_dim: int, dtype: torch.dtype) -> int:
+    """Queries per tile map entry; the reference computes whole requests, so any size gives the same result."""
+    del head_dim, dtype
+    return 64
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            out: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of one query per request `[B, Hq, D]` over its `seq_lens[b]` cached tokens.
+    """Attention of one query per request `[B, Hq, D]` over its `seq_lens[b]` cached tokens (zeros where 0).
 
     Batched: contexts are gathered into a padded `[B, S_max, Hkv, D]` tensor and masked.
     """
@@ -85,7 +92,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     scores = torch.einsum("bhgd,bshd->bhgs", qg, k.float()) * scale
     valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None].to(q.device)
     scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1)
+    probs = scores.softmax(dim=-1).nan_to_num(0.0)  # an empty context (padding) gives zeros
     # Rows past a request's seq_len are stale or never written (maybe NaN): 0 * NaN would leak in.
     v = v.float().masked_fill(~valid[:, :, None, None], 0.0)
     o = torch.einsum("bhgs,bshd->bhgd", probs, v)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -14,17 +15,39 @@ from gllm_engine.layers.ops import REFERENCE_OPS, KernelOps
 class AttentionMetadata:
     """Where every token of a step lives in the paged cache; built once per step by the runner.
 
-    The batch is ordered decodes first: requests `[0, num_decodes)` have exactly one query token.
+    The batch is ordered decodes first: requests `[0, num_decodes)` have exactly one query token,
+    which is token row b of request b. In a CUDA graph the tensors are padded to the graph's size:
+    decode rows past `num_decodes` have `decode_seq_lens` 0 (their output is zeros), the tile map
+    ends in -1 entries and padded tokens have slot -1.
     """
 
-    slot_mapping: torch.Tensor  # [T] int64: flat cache slot of each new token
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot of each new token (-1: padding, not stored)
     query_start_loc: torch.Tensor  # [B+1] int32: cu_seqlens of the queries
     seq_lens: torch.Tensor  # [B] int32: context length after this step (cached + new)
-    block_tables: torch.Tensor  # [B, max_blocks] int32
+    block_tables: torch.Tensor  # [>= B, max_blocks] int32
+    decode_seq_lens: torch.Tensor  # [Bd] int32: seq_lens of the decode rows, 0 past num_decodes
+    prefill_tiles: torch.Tensor | None  # [2, N] int32: (request, query tile) per prefill program, or None
     num_decodes: int
-    max_query_len: int
-    # The prefill requests' slice of query_start_loc, rebased to start at 0.
-    prefill_query_start_loc: torch.Tensor | None = None
+
+
+def prefill_tile_map(query_lens: np.ndarray, seq_lens: np.ndarray, block_m: int, first_request: int = 0,
+                     size: int | None = None) -> np.ndarray:
+    """The prefill kernel's work list `[2, N]` int32: (request index, query tile) per program.
+
+    Request `first_request + i` has `query_lens[i]` new queries and `seq_lens[i]` context tokens. Tiles
+    that attend to the most context come first, so the longest programs start first. With `size`,
+    the map is padded with request -1 to that length (a CUDA graph's fixed grid).
+    """
+    per_request = -(-query_lens // block_m)
+    reqs = np.repeat(np.arange(len(query_lens)), per_request)
+    tiles = np.arange(len(reqs)) - np.repeat(np.cumsum(per_request) - per_request, per_request)
+    ends = np.minimum((tiles + 1) * block_m, query_lens[reqs]) + (seq_lens - query_lens)[reqs]
+    order = np.argsort(-ends, kind="stable")
+    n = len(reqs) if size is None else size
+    out = np.full((2, n), -1, dtype=np.int32)
+    out[0, :len(reqs)] = reqs[order] + first_request
+    out[1, :len(reqs)] = tiles[order]
+    return out
 
 
 class Attention(nn.Module):
@@ -46,12 +69,12 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         self.ops.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
-        nd = meta.num_decodes
-        if nd:
-            self.ops.paged_decode_attention(q[:nd], self.k_cache, self.v_cache, meta.block_tables[:nd],
-                                            meta.seq_lens[:nd], self.scale, out=out[:nd])
-        if nd < meta.seq_lens.shape[0]:
-            self.ops.paged_prefill_attention(q[nd:], self.k_cache, self.v_cache, meta.block_tables[nd:],
-                                             meta.prefill_query_start_loc, meta.seq_lens[nd:],
-                                             meta.max_query_len, self.scale, out=out[nd:])
+        rows = meta.decode_seq_lens.shape[0]
+        if rows:
+            self.ops.paged_decode_attention(q[:rows], self.k_cache, self.v_cache, meta.block_tables[:rows],
+                                            meta.decode_seq_lens, self.scale, out=out[:rows])
+        if meta.prefill_tiles is not None:
+            self.ops.paged_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables,
+                                             meta.query_start_loc, meta.seq_lens, meta.prefill_tiles,
+                                             self.scale, out=out)
         return out.view(-1, self.num_heads * self.head_dim)

@@ -21,6 +21,7 @@ class KernelOps:
     name: str
     write_kv_cache: Callable
     paged_prefill_attention: Callable
+    prefill_block_m: Callable
     paged_decode_attention: Callable
     rms_norm: Callable
     silu_and_mul: Callable
@@ -31,6 +32,7 @@ REFERENCE_OPS = KernelOps(
     name="torch",
     write_kv_cache=reference.write_kv_cache,
     paged_prefill_attention=reference.paged_prefill_attention,
+    prefill_block_m=reference.prefill_block_m,
     paged_decode_attention=reference.paged_decode_attention,
     rms_norm=reference.rms_norm,
     silu_and_mul=reference.silu_and_mul,
@@ -48,6 +50,7 @@ def select_ops(device: torch.device, use_reference_kernels: bool = False) -> Ker
         name="triton",
         write_kv_cache=attention.write_kv_cache,
         paged_prefill_attention=attention.paged_prefill_attention,
+        prefill_block_m=attention.prefill_block_m,
         paged_decode_attention=attention.paged_decode_attention,
         rms_norm=norm.rms_norm,
         silu_and_mul=activation.silu_and_mul,

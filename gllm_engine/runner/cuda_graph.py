@@ -1,87 +1,151 @@
-"""CUDA graphs for decode-only steps.
+"""CUDA graphs for the steps that launch-bound eager mode would slow down most.
 
-One graph per padded batch size captures the whole forward pass over static input buffers; a
-decode step copies its inputs into the buffers and replays the smallest graph that fits. Padded
-rows write their KV to slot -1 (skipped) and attend over one cached token of block 0.
+Two sets of graphs capture the whole forward pass over static input buffers: decode-only steps by
+padded batch size, and mixed steps (decodes plus at most `MAX_GRAPH_PREFILLS` prefill chunks) by
+padded token count. A step's inputs are packed on the host, padded to the graph's size, and copied
+into the static buffers in one transfer per dtype; then the graph replays. Padded tokens write
+their KV to slot -1 (skipped), padded decode rows have an empty context (zeros out), and padded
+prefill tile-map entries are -1 (no work). Larger steps run eagerly.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
-from gllm_engine.layers.attention import AttentionMetadata
+from gllm_engine.layers.attention import AttentionMetadata, prefill_tile_map
+from gllm_engine.runner.input_batch import HostUploader, StepArrays
 
 logger = logging.getLogger(__name__)
 
+MAX_GRAPH_PREFILLS = 16  # prefill chunks a mixed-step graph has tile-map room for
+MAX_GRAPH_TOKENS = 1024  # mixed steps up to this many tokens replay a graph (if the step budget allows)
 
-def capture_sizes(max_num_seqs: int) -> list[int]:
-    """Batch sizes to capture: 1, 2, 4, 8, then every 16 up to `max_num_seqs`."""
-    sizes = [s for s in (1, 2, 4, 8) if s <= max_num_seqs]
-    sizes += list(range(16, max_num_seqs + 1, 16))
-    if sizes[-1] != max_num_seqs:
-        sizes.append(max_num_seqs)
+
+def capture_sizes(max_size: int, min_size: int = 1) -> list[int]:
+    """Sizes to capture up to `max_size`: 1, 2, 4, 8, every 16 to 256, every 32 to 512, then every 64."""
+    sizes = [1, 2, 4, 8, *range(16, 257, 16), *range(288, 513, 32), *range(576, max_size + 1, 64)]
+    sizes = [s for s in sizes if min_size <= s <= max_size]
+    if not sizes or sizes[-1] != max_size:
+        sizes.append(max_size)
     return sizes
 
 
-class DecodeGraphs:
-    """Captured forward passes of the model for decode batches of `capture_sizes(max_num_seqs)`."""
+class GraphKey(NamedTuple):
+    size: int  # padded tokens (= padded requests for decode-only graphs)
+    mixed: bool  # has prefill chunks
 
-    def __init__(self, model: nn.Module, max_num_seqs: int, max_blocks_per_seq: int, device: torch.device):
+
+class StepGraphs:
+    """Captured forward passes for decode-only batches up to `max_num_seqs` and mixed steps up to `max_tokens`."""
+
+    def __init__(self, model: nn.Module, max_num_seqs: int, max_tokens: int, max_blocks_per_seq: int,
+                 prefill_block_m: int, device: torch.device):
         self.model = model
-        self.sizes = capture_sizes(max_num_seqs)
-        self.max_size = self.sizes[-1]
-        n = self.max_size
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.block_m = prefill_block_m
+        self.decode_sizes = capture_sizes(max_num_seqs)
+        self.mixed_sizes = capture_sizes(max_tokens, min_size=16) if max_tokens >= 16 else []
+        m = self.max_rows = max(self.decode_sizes[-1], self.mixed_sizes[-1] if self.mixed_sizes else 0)
+        self.max_tiles = self._num_tiles(m)
+        # Flat static inputs at fixed offsets: int64 [ids | positions | slots], int32 [query_start_loc |
+        # seq_lens | decode_seq_lens | tile map]; a graph of size S views the first S (S+1, 2 x tiles) of each.
+        self.int64 = torch.zeros(3 * m + m, dtype=torch.int64, device=device)  # + room for logits indices
+        self.int32 = torch.zeros(3 * m + 1 + 2 * self.max_tiles + max_num_seqs * max_blocks_per_seq,
+                                 dtype=torch.int32, device=device)  # + room for the step's block tables
+        self.block_tables = torch.zeros((m, max_blocks_per_seq), dtype=torch.int32, device=device)
+        self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[GraphKey, torch.Tensor] = {}
 
-    def _metadata(self, size: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:size], query_start_loc=self.query_start_loc[: size + 1],
-            seq_lens=self.seq_lens[:size], block_tables=self.block_tables[:size],
-            num_decodes=size, max_query_len=1)
+    def _num_tiles(self, size: int) -> int:
+        return -(-size // self.block_m) + MAX_GRAPH_PREFILLS
+
+    def _inputs(self, key: GraphKey) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        s, m = key.size, self.max_rows
+        tiles = None
+        if key.mixed:
+            n = self._num_tiles(s)
+            start = 3 * m + 1
+            tiles = self.int32[start:start + 2 * n].view(2, n)
+        meta = AttentionMetadata(
+            slot_mapping=self.int64[2 * m:2 * m + s], query_start_loc=self.int32[:s + 1],
+            seq_lens=self.int32[m + 1:m + 1 + s], block_tables=self.block_tables[:s],
+            decode_seq_lens=self.int32[2 * m + 1:2 * m + 1 + s], prefill_tiles=tiles, num_decodes=s)
+        return self.int64[:s], self.int64[m:m + s], meta
 
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
         free_before = torch.cuda.mem_get_info()[0]
+        self._reset_padding()
         pool = None
-        for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-            args = (self.input_ids[:size], self.positions[:size], self._metadata(size))
-            self.model(*args)  # warm-up: compiles kernels, settles allocations
+        keys = [GraphKey(s, True) for s in self.mixed_sizes] + [GraphKey(s, False) for s in self.decode_sizes]
+        for key in sorted(keys, key=lambda k: -k.size):  # largest first, so smaller graphs reuse its memory pool
+            ids, positions, meta = self._inputs(key)
+            self.model(ids, positions, meta)  # warm-up: compiles kernels, settles allocations
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self.model(*args)
+                self.outputs[key] = self.model(ids, positions, meta)
             pool = graph.pool() if pool is None else pool
-            self.graphs[size] = graph
+            self.graphs[key] = graph
         torch.cuda.synchronize()
         used = (free_before - torch.cuda.mem_get_info()[0]) / 2**20
-        logger.info("captured %d CUDA graphs (batch 1..%d) in %.1f s, %.0f MiB", len(self.sizes),
-                    self.max_size, time.perf_counter() - start, used)
+        logger.info("captured %d CUDA graphs (decode batches 1..%d, mixed steps 16..%d tokens) in %.1f s, %.0f MiB",
+                    len(self.graphs), self.decode_sizes[-1], self.mixed_sizes[-1] if self.mixed_sizes else 0,
+                    time.perf_counter() - start, used)
 
-    def can_run(self, num_decodes: int, num_seqs: int, max_blocks: int) -> bool:
-        return num_decodes == num_seqs and num_seqs <= self.max_size and max_blocks <= self.block_tables.shape[1]
+    def _reset_padding(self) -> None:
+        """Inputs that make every row padding: no KV written, no context read, no prefill tile."""
+        m = self.max_rows
+        self.int64.zero_()
+        self.int64[2 * m:3 * m] = -1
+        self.int32.zero_()
+        self.int32[3 * m + 1:3 * m + 1 + 2 * self.max_tiles] = -1
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states `[B, H]` of a decode-only batch of B sequences."""
-        b = input_ids.shape[0]
-        size = next(s for s in self.sizes if s >= b)
-        self.input_ids[:b].copy_(input_ids, non_blocking=True)
-        self.positions[:b].copy_(positions, non_blocking=True)
-        self.slot_mapping[:b].copy_(meta.slot_mapping, non_blocking=True)
-        self.slot_mapping[b:size].fill_(-1)
-        self.seq_lens[:b].copy_(meta.seq_lens, non_blocking=True)
-        self.seq_lens[b:size].fill_(1)
-        width = meta.block_tables.shape[1]
-        self.block_tables[:b, :width].copy_(meta.block_tables, non_blocking=True)
-        self.graphs[size].replay()
-        return self.outputs[size][:b]
+    def pick(self, step: StepArrays) -> GraphKey | None:
+        """The graph that can run `step`, or None (eager)."""
+        if step.block_tables.shape[1] > self.block_tables.shape[1]:
+            return None
+        if step.num_decodes == step.num_requests:
+            size = next((s for s in self.decode_sizes if s >= step.num_requests), None)
+            return GraphKey(size, False) if size is not None else None
+        if step.num_requests - step.num_decodes > MAX_GRAPH_PREFILLS:
+            return None
+        size = next((s for s in self.mixed_sizes if s >= step.num_tokens), None)
+        return GraphKey(size, True) if size is not None else None
+
+    def load(self, key: GraphKey, step: StepArrays, uploader: HostUploader
+             ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Copy `step` into the static inputs of graph `key`; its input ids, positions, metadata and logits indices."""
+        m, t, b, nd = self.max_rows, step.num_tokens, step.num_requests, step.num_decodes
+        slots = np.full(m, -1, dtype=np.int64)
+        slots[:t] = step.slot_mapping
+        decode_lens = np.zeros(m, dtype=np.int32)
+        decode_lens[:nd] = step.seq_lens[:nd]
+        tiles = np.full(2 * self.max_tiles, -1, dtype=np.int32)
+        if key.mixed:
+            tiles[:2 * self._num_tiles(key.size)] = prefill_tile_map(
+                step.query_lens[nd:], step.seq_lens[nd:], self.block_m, nd, self._num_tiles(key.size)).reshape(-1)
+        (_, _, _, logits), (_, _, _, _, tables) = uploader.upload(
+            [_pad(step.input_ids, m), _pad(step.positions, m), slots, step.logits_indices],
+            [_pad(step.query_start_loc, m + 1), _pad(step.seq_lens, m), decode_lens, tiles, step.block_tables],
+            into=(self.int64, self.int32))
+        self.block_tables[:b, :tables.shape[1]].copy_(tables)
+        ids, positions, meta = self._inputs(key)
+        meta.num_decodes = nd
+        return ids, positions, meta, logits
+
+    def replay(self, key: GraphKey, num_tokens: int) -> torch.Tensor:
+        """Hidden states `[T, H]` of the step last loaded for graph `key`."""
+        self.graphs[key].replay()
+        return self.outputs[key][:num_tokens]
+
+
+def _pad(a: np.ndarray, size: int) -> np.ndarray:
+    out = np.zeros(size, dtype=a.dtype)
+    out[:len(a)] = a
+    return out

@@ -99,22 +99,29 @@ class HostUploader:
         self._events: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
 
-    def upload(self, int64_arrays: list[np.ndarray], int32_arrays: list[np.ndarray]
-               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Device tensors with the arrays' shapes: int64 ones, then int32 ones."""
+    def upload(self, int64_arrays: list[np.ndarray], int32_arrays: list[np.ndarray],
+               into: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Device tensors with the arrays' shapes: int64 ones, then int32 ones.
+
+        With `into` (a flat int64 and a flat int32 device tensor, e.g. a CUDA graph's static inputs), the
+        arrays are copied to their starts, packed in order, and the views are of those tensors.
+        """
         if self.device.type != "cuda":
+            if into is not None:
+                return (_copy_into(into[0], np.int64, int64_arrays), _copy_into(into[1], np.int32, int32_arrays))
             return ([torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in int64_arrays],
                     [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)) for a in int32_arrays])
         turn, self._turn = self._turn, 1 - self._turn
         if self._events[turn] is not None:
             self._events[turn].synchronize()
-        out = (self._copy(turn, torch.int64, np.int64, int64_arrays),
-               self._copy(turn, torch.int32, np.int32, int32_arrays))
+        out = (self._copy(turn, torch.int64, int64_arrays, into[0] if into else None),
+               self._copy(turn, torch.int32, int32_arrays, into[1] if into else None))
         self._events[turn] = torch.cuda.Event()
         self._events[turn].record()
         return out
 
-    def _copy(self, turn: int, dtype: torch.dtype, np_dtype: type, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+    def _copy(self, turn: int, dtype: torch.dtype, arrays: list[np.ndarray],
+              into: torch.Tensor | None) -> list[torch.Tensor]:
         total = sum(a.size for a in arrays)
         buf = self._sets[turn].get(dtype)
         if buf is None or buf.numel() < total:
@@ -125,9 +132,47 @@ class HostUploader:
         for a in arrays:
             host[offset:offset + a.size] = a.reshape(-1)
             offset += a.size
-        device_buf = buf[:total].to(self.device, non_blocking=True)
+        if into is None:
+            device_buf = buf[:total].to(self.device, non_blocking=True)
+        else:
+            device_buf = into
+            device_buf[:total].copy_(buf[:total], non_blocking=True)
         views, offset = [], 0
         for a in arrays:
             views.append(device_buf[offset:offset + a.size].view(a.shape))
             offset += a.size
         return views
+
+
+def _copy_into(dest: torch.Tensor, np_dtype: type, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+    """CPU: `arrays` packed at the start of `dest`, as views of it."""
+    views, offset = [], 0
+    for a in arrays:
+        view = dest[offset:offset + a.size]
+        view.copy_(torch.from_numpy(np.ascontiguousarray(a, dtype=np_dtype).reshape(-1)))
+        views.append(view.view(a.shape))
+        offset += a.size
+    return views
+
+
+@dataclass
+class StepArrays:
+    """A step's model inputs on the host, unpadded: tokens, then requests (decodes first)."""
+
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    logits_indices: np.ndarray  # [S] int64: token rows whose logits are sampled
+    query_start_loc: np.ndarray  # [B+1] int32
+    query_lens: np.ndarray  # [B] int32
+    seq_lens: np.ndarray  # [B] int32
+    block_tables: np.ndarray  # [B, W] int32
+    num_decodes: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.seq_lens)

@@ -15,13 +15,13 @@ import torch
 from torch.profiler import record_function
 
 from gllm_engine.config import EngineConfig
-from gllm_engine.layers.attention import AttentionMetadata
+from gllm_engine.layers.attention import AttentionMetadata, prefill_tile_map
 from gllm_engine.layers.ops import select_ops
 from gllm_engine.layers.parallel import ALL_EXPERTS, SINGLE, WHOLE_MODEL, EPLayout, PPStage, TPLayout
 from gllm_engine.loader.weights import load_model_weights
 from gllm_engine.models.registry import get_model_class
-from gllm_engine.runner.cuda_graph import DecodeGraphs
-from gllm_engine.runner.input_batch import HostUploader, InputBatch, SeqState, StepPlan
+from gllm_engine.runner.cuda_graph import MAX_GRAPH_TOKENS, StepGraphs
+from gllm_engine.runner.input_batch import HostUploader, InputBatch, SeqState, StepArrays, StepPlan
 from gllm_engine.runner.sampler import SamplerOutput, SamplingBatch, sample
 
 logger = logging.getLogger(__name__)
@@ -69,10 +69,11 @@ class ModelRunner:
         logger.info("loaded %s in %.1f s", config.model.name, time.perf_counter() - start)
         self.vocab_size = hf.vocab_size
         self.hidden_size = hf.hidden_size
+        self.prefill_block_m = self.ops.prefill_block_m(self.model.attention_layers()[0].head_dim, self.dtype)
         self.input_batch = InputBatch()
         self.uploader = HostUploader(self.device)
         self.generators: dict[int, torch.Generator] = {}
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: StepGraphs | None = None
 
     def initialize_cache(self, num_blocks: int) -> None:
         """Allocate `num_blocks` KV blocks for every local layer, then capture CUDA graphs if enabled."""
@@ -81,7 +82,10 @@ class ModelRunner:
                       and self.layout.stage.size == 1)
         if use_graphs:
             max_blocks = -(-self.config.model.max_model_len // self.block_size)
-            self.graphs = DecodeGraphs(self.model, self.config.scheduler.max_num_seqs, max_blocks, self.device)
+            sched = self.config.scheduler
+            self.graphs = StepGraphs(self.model, sched.max_num_seqs,
+                                     min(MAX_GRAPH_TOKENS, sched.max_num_batched_tokens), max_blocks,
+                                     self.prefill_block_m, self.device)
             self.graphs.capture()
 
     # ---- KV cache -------------------------------------------------------------------------------
@@ -133,7 +137,7 @@ class ModelRunner:
         if not self.layout.stage.is_first:
             zeros = torch.zeros(num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
             intermediate = (zeros, zeros.clone())
-        meta = _single_sequence_metadata(num_tokens, num_blocks, self.device)
+        meta = _single_sequence_metadata(num_tokens, num_blocks, self.prefill_block_m, self.device)
         hidden = self.model(ids, positions, meta, intermediate)
         if self.layout.stage.is_last:
             self.model.compute_logits(hidden[:num_seqs])
@@ -143,43 +147,64 @@ class ModelRunner:
         free_now, _ = torch.cuda.mem_get_info(self.device)
         # Memory others hold on this device (other processes, the CUDA context) counts against us too.
         used_outside = total - free_now - torch.cuda.memory_reserved(self.device)
-        budget = total * self.config.cache.gpu_memory_utilization - peak - used_outside
+        util = self.config.cache.gpu_memory_utilization
+        budget = total * util - peak - used_outside
         for attn in self.model.attention_layers():
             attn.k_cache = attn.v_cache = torch.empty(0)
         torch.cuda.empty_cache()
+        if budget < self._block_bytes():
+            raise RuntimeError(
+                f"no GPU memory is left for the KV cache: gpu_memory_utilization {util} allows "
+                f"{total * util / 2**30:.2f} GiB, the model and its largest step ({num_tokens} tokens) take "
+                f"{peak / 2**30:.2f} GiB and other allocations on the device {used_outside / 2**30:.2f} GiB; "
+                "raise gpu_memory_utilization or lower max_num_batched_tokens")
         return int(budget // self._block_bytes())
 
     # ---- one step -------------------------------------------------------------------------------
-    def prepare_inputs(self, plan: StepPlan, states: list[SeqState]
-                       ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """Input ids, positions, attention metadata and the indices of the tokens whose logits are sampled."""
+    def step_arrays(self, plan: StepPlan, states: list[SeqState]) -> StepArrays:
+        """The step's model inputs on the host: token ids, positions, cache slots and per-request lengths."""
         bs = self.block_size
         n = len(states)
         starts = np.fromiter((d.num_computed_tokens for d in plan.seqs), dtype=np.int64, count=n)
         q_lens = np.fromiter((d.num_new_tokens for d in plan.seqs), dtype=np.int64, count=n)
-        tables = np.zeros((n, max(len(st.block_ids) for st in states)), dtype=np.int32)
+        # Block tables: every row's blocks in one flat array, scattered into a zero-padded [n, W] table.
+        widths = np.fromiter((len(st.block_array) for st in states), dtype=np.int64, count=n)
+        tables = np.zeros((n, int(widths.max())), dtype=np.int32)
+        table_rows = np.repeat(np.arange(n), widths)
+        tables[table_rows, np.arange(len(table_rows)) - np.repeat(np.cumsum(widths) - widths, widths)] = \
+            np.concatenate([st.block_array for st in states])
         ids: list[int] = []
-        for row, (d, st) in enumerate(zip(plan.seqs, states)):
-            tables[row, : len(st.block_array)] = st.block_array
-            ids.extend(st.token_ids[d.num_computed_tokens:d.num_computed_tokens + d.num_new_tokens])
+        for d, st in zip(plan.seqs, states):
+            if d.num_new_tokens == 1:
+                ids.append(st.token_ids[d.num_computed_tokens])
+            else:
+                ids.extend(st.token_ids[d.num_computed_tokens:d.num_computed_tokens + d.num_new_tokens])
         ends = np.cumsum(q_lens)
         # Per token: its row, then its position in the sequence and its cache slot.
         rows = np.repeat(np.arange(n), q_lens)
         pos = np.arange(int(ends[-1])) - np.repeat(ends - q_lens - starts, q_lens)
         slots = tables[rows, pos // bs].astype(np.int64) * bs + pos % bs
-        seq_lens = starts + q_lens
-        logits_idx = [int(e) - 1 for e, d in zip(ends, plan.seqs) if d.samples]
         cu = np.zeros(n + 1, dtype=np.int32)
         cu[1:] = ends
-        nd = plan.num_decodes
-        (input_ids, positions, slots_t, logits_t), (cu_t, seq_lens_t, tables_t, prefill_cu_t) = self.uploader.upload(
-            [np.asarray(ids, dtype=np.int64), pos, slots, np.asarray(logits_idx, dtype=np.int64)],
-            [cu, seq_lens.astype(np.int32), tables, cu[nd:] - cu[nd]])
+        return StepArrays(
+            input_ids=np.asarray(ids, dtype=np.int64), positions=pos, slot_mapping=slots,
+            logits_indices=ends[np.fromiter((d.samples for d in plan.seqs), dtype=bool, count=n)] - 1,
+            query_start_loc=cu, query_lens=q_lens.astype(np.int32), seq_lens=(starts + q_lens).astype(np.int32),
+            block_tables=tables, num_decodes=plan.num_decodes)
+
+    def prepare_inputs(self, step: StepArrays
+                       ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Input ids, positions, attention metadata and the indices of the tokens whose logits are sampled (eager)."""
+        nd, n = step.num_decodes, step.num_requests
+        int32 = [step.query_start_loc, step.seq_lens, step.block_tables]
+        if nd < n:
+            int32.append(prefill_tile_map(step.query_lens[nd:], step.seq_lens[nd:], self.prefill_block_m, nd))
+        (input_ids, positions, slots, logits), (cu, seq_lens, tables, *tiles) = self.uploader.upload(
+            [step.input_ids, step.positions, step.slot_mapping, step.logits_indices], int32)
         meta = AttentionMetadata(
-            slot_mapping=slots_t, query_start_loc=cu_t, seq_lens=seq_lens_t, block_tables=tables_t,
-            num_decodes=nd, max_query_len=int(q_lens.max()),
-            prefill_query_start_loc=prefill_cu_t if nd < n else None)
-        return input_ids, positions, meta, logits_t
+            slot_mapping=slots, query_start_loc=cu, seq_lens=seq_lens, block_tables=tables,
+            decode_seq_lens=seq_lens[:nd], prefill_tiles=tiles[0] if tiles else None, num_decodes=nd)
+        return input_ids, positions, meta, logits
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, intermediate: Intermediate | None = None
@@ -193,11 +218,15 @@ class ModelRunner:
             for seq_id in plan.finished_seq_ids:
                 self.generators.pop(seq_id, None)
             states = self.input_batch.apply(plan)
-            input_ids, positions, meta, logits_idx = self.prepare_inputs(plan, states)
+            step = self.step_arrays(plan, states)
+            graph = self.graphs.pick(step) if self.graphs is not None else None
+            if graph is not None:
+                input_ids, positions, meta, logits_idx = self.graphs.load(graph, step, self.uploader)
+            else:
+                input_ids, positions, meta, logits_idx = self.prepare_inputs(step)
         with record_function("forward"):
-            if self.graphs is not None and self.graphs.can_run(meta.num_decodes, meta.seq_lens.shape[0],
-                                                               meta.block_tables.shape[1]):
-                hidden = self.graphs.run(input_ids, positions, meta)
+            if graph is not None:
+                hidden = self.graphs.replay(graph, step.num_tokens)
             else:
                 hidden = self.model(input_ids, positions, meta, intermediate)
             if not self.layout.stage.is_last:
@@ -213,15 +242,16 @@ class ModelRunner:
             return sample(logits, batch)
 
 
-def _single_sequence_metadata(num_tokens: int, num_blocks: int, device: torch.device) -> AttentionMetadata:
+def _single_sequence_metadata(num_tokens: int, num_blocks: int, block_m: int, device: torch.device
+                              ) -> AttentionMetadata:
     """One sequence of `num_tokens` new tokens in blocks 0..num_blocks-1 (memory profiling)."""
     cu = torch.tensor([0, num_tokens], dtype=torch.int32, device=device)
+    tiles = prefill_tile_map(np.array([num_tokens]), np.array([num_tokens]), block_m)
     return AttentionMetadata(
         slot_mapping=torch.arange(num_tokens, dtype=torch.int64, device=device),
-        query_start_loc=cu,
-        seq_lens=cu[1:].clone(),
+        query_start_loc=cu, seq_lens=cu[1:].clone(),
         block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None, :],
-        num_decodes=0, max_query_len=num_tokens, prefill_query_start_loc=cu,
+        decode_seq_lens=cu[:0], prefill_tiles=torch.from_numpy(tiles).to(device), num_decodes=0,
     )
 
 

@@ -35,17 +35,19 @@ class SamplingBatch:
         """`generators` maps seq_id to that sequence's seeded generator (created on first use)."""
         params = [s.params for s in seqs]
         greedy = [p.greedy for p in params]
+        all_greedy = all(greedy)
         rows_gen = {}
-        for row, seq in enumerate(seqs):
-            if seq.params.seed is not None and not greedy[row]:
-                gen = generators.get(seq.seq_id)
-                if gen is None:
-                    gen = generators[seq.seq_id] = torch.Generator(device=device).manual_seed(seq.params.seed)
-                rows_gen[row] = gen
+        if not all_greedy:
+            for row, seq in enumerate(seqs):
+                if seq.params.seed is not None and not greedy[row]:
+                    gen = generators.get(seq.seq_id)
+                    if gen is None:
+                        gen = generators[seq.seq_id] = torch.Generator(device=device).manual_seed(seq.params.seed)
+                    rows_gen[row] = gen
         banned = []
         for row, seq in enumerate(seqs):
             p = seq.params
-            if seq.num_output_tokens < p.min_tokens:
+            if p.min_tokens and seq.num_output_tokens < p.min_tokens:
                 ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(p.eos_token_ids))
                 if ids:
                     banned.append((row, ids))
@@ -54,7 +56,6 @@ class SamplingBatch:
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
-        all_greedy = all(greedy)
         random_rows = not all_greedy
         any_top_k = random_rows and any(p.top_k > 0 for p in params)
         any_top_p = random_rows and any(p.top_p < 1.0 for p in params)

@@ -43,7 +43,7 @@ def test_options_reach_the_command_as_engine_kwargs():
                                  "enforce_eager", "max_num_seqs")} == {
         "tensor_parallel_size": 2, "pipeline_parallel_size": 3, "gpu_memory_utilization": 0.5,
         "enable_prefix_caching": False, "pp_layer_split": [1, 2, 3], "max_model_len": 64, "device": "cpu",
-        "enforce_eager": True, "max_num_seqs": 256}
+        "enforce_eager": True, "max_num_seqs": None}
     assert set(seen) == {kwarg for _, _, kwarg in ENGINE_OPTIONS.values()} | {"model"}
     bad = CliRunner().invoke(cli, ["command", "--pp-layer-split", "1,x"])
     assert bad.exit_code == 2 and "--pp-layer-split" in bad.output

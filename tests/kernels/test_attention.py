@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from gllm_engine.kernels import attention, reference
+from gllm_engine.layers.attention import prefill_tile_map
 
 DTYPES = [torch.float32, torch.bfloat16]
 HEADS = [(4, 4), (8, 2)]  # (query heads, KV heads): GQA ratios 1 and 4
@@ -28,6 +30,14 @@ def prefill_tiles(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     return request.param
 
 
+def tile_map(q_lens: list[int], seq_lens: list[int], head_dim: int, dtype: torch.dtype, device: torch.device,
+             first_request: int = 0, size: int | None = None) -> torch.Tensor:
+    """The prefill kernel's tile map for these requests, with the kernel's tile size."""
+    block_m = attention.prefill_block_m(head_dim, dtype)
+    return torch.from_numpy(prefill_tile_map(np.array(q_lens), np.array(seq_lens), block_m, first_request,
+                                             size)).to(device)
+
+
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("heads", HEADS, ids=_ids)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
@@ -40,23 +50,38 @@ def test_prefill_matches_reference(dtype, heads, head_dim, prefill_tiles, device
     q = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(dtype).to(device)
     qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    args = (q, k_cache, v_cache, table, qsl, lens, max(q_lens), head_dim**-0.5)
+    args = (q, k_cache, v_cache, table, qsl, lens, tile_map(q_lens, seq_lens, head_dim, dtype, device),
+            head_dim**-0.5)
     out = torch.full_like(q, float("nan"))
     got = attention.paged_prefill_attention(*args, out=out)
     assert got is out
     assert_matches(out, reference.paged_prefill_attention(*args))
 
 
-def test_prefill_writes_only_its_out_slice(device, make_paged_kv, assert_matches):
-    """The engine passes `out[num_decodes:]` of a buffer; rows outside the view stay untouched."""
-    k_cache, v_cache, table = make_paged_kv([9, 30], 2, 64, torch.float32)
-    q = torch.randn(12, 4, 64, device=device)
-    qsl = torch.tensor([0, 9, 12], dtype=torch.int32, device=device)
-    lens = torch.tensor([9, 30], dtype=torch.int32, device=device)
-    buffer = torch.zeros(14, 4, 64, device=device)
-    attention.paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, 9, 0.125, out=buffer[2:])
-    assert_matches(buffer[2:], reference.paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, 9, 0.125))
-    assert bool((buffer[:2] == 0).all())
+def test_prefill_writes_only_the_rows_of_its_tile_map(device, make_paged_kv, assert_matches):
+    """Decode rows come first and the map is padded with -1 (a CUDA graph's fixed grid): those rows stay untouched."""
+    q_lens, seq_lens = [1, 1, 9, 3], [5, 12, 9, 30]
+    k_cache, v_cache, table = make_paged_kv(seq_lens, 2, 64, torch.float32)
+    q = torch.randn(sum(q_lens), 4, 64, device=device)
+    qsl = torch.tensor([0, 1, 2, 11, 14], dtype=torch.int32, device=device)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    tiles = tile_map(q_lens[2:], seq_lens[2:], 64, torch.float32, device, first_request=2, size=9)
+    assert (tiles[0, -3:] == -1).all()
+    out = torch.zeros_like(q)
+    attention.paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, tiles, 0.125, out=out)
+    expected = reference.paged_prefill_attention(q, k_cache, v_cache, table, qsl, lens, tiles, 0.125,
+                                                 out=torch.zeros_like(q))
+    assert_matches(out, expected)
+    assert bool((out[:2] == 0).all()) and not bool((out[2:] == 0).all())
+
+
+def test_tile_map_lists_every_tile_once_longest_first():
+    q_lens, seq_lens = np.array([5, 130, 1]), np.array([5, 200, 3])
+    tiles = prefill_tile_map(q_lens, seq_lens, 64, first_request=2, size=8)
+    listed = sorted(zip(tiles[0].tolist(), tiles[1].tolist()))
+    assert listed == [(-1, -1)] * 3 + [(2, 0), (3, 0), (3, 1), (3, 2), (4, 0)]
+    # Request 3's last tile sees all 200 context tokens; its first tile sees 70 + 64; request 2 sees 5.
+    assert tiles[:, 0].tolist() == [3, 2] and tiles[:, 4].tolist() == [4, 0]
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -75,6 +100,21 @@ def test_decode_matches_reference(dtype, heads, head_dim, num_splits, device, ma
     assert_matches(out, reference.paged_decode_attention(q, k_cache, v_cache, table, lens, head_dim**-0.5))
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_rows_with_no_context_are_zeros(num_splits, device, make_paged_kv, monkeypatch):
+    """Padded decode rows of a CUDA graph have seq_len 0: both paths give zeros, the other rows are unchanged."""
+    monkeypatch.setattr(attention, "decode_num_splits", lambda *_: num_splits)
+    k_cache, v_cache, table = make_paged_kv([40, 40], 2, 64, torch.float32, seed=8)
+    q = torch.randn(2, 4, 64, device=device)
+    lens = torch.tensor([40, 0], dtype=torch.int32, device=device)
+    for impl in (attention, reference):
+        out = impl.paged_decode_attention(q, k_cache, v_cache, table, lens, 0.125,
+                                          out=torch.full_like(q, float("nan")))
+        assert bool((out[1] == 0).all()), impl.__name__
+        full = impl.paged_decode_attention(q[:1], k_cache, v_cache, table[:1], lens[:1], 0.125)
+        torch.testing.assert_close(out[:1], full)
+
+
 @pytest.mark.parametrize("head_dim", [80, 96, 256])  # padded to a power of two inside the kernels
 def test_other_head_dims(head_dim, device, make_paged_kv, assert_matches, monkeypatch):
     monkeypatch.setattr(attention, "decode_num_splits", lambda *_: 2)
@@ -83,7 +123,8 @@ def test_other_head_dims(head_dim, device, make_paged_kv, assert_matches, monkey
     q = torch.randn(sum(q_lens), 8, head_dim, generator=torch.Generator().manual_seed(7)).to(device)
     qsl = torch.tensor([0, 3, 4], dtype=torch.int32, device=device)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    args = (q, k_cache, v_cache, table, qsl, lens, 3, head_dim**-0.5)
+    tiles = tile_map(q_lens, seq_lens, head_dim, torch.float32, device)
+    args = (q, k_cache, v_cache, table, qsl, lens, tiles, head_dim**-0.5)
     assert_matches(attention.paged_prefill_attention(*args), reference.paged_prefill_attention(*args))
     decode_args = (q[:2], k_cache, v_cache, table, lens, head_dim**-0.5)
     assert_matches(attention.paged_decode_attention(*decode_args), reference.paged_decode_attention(*decode_args))

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from gllm_engine import LLM, SamplingParams
-from gllm_engine.layers.attention import AttentionMetadata
+from gllm_engine.layers.attention import AttentionMetadata, prefill_tile_map
 from gllm_engine.layers.moe import FusedMoE, select_experts
+from gllm_engine.layers.ops import REFERENCE_OPS
 from gllm_engine.layers.parallel import ALL_EXPERTS, EPLayout, TPLayout
 from gllm_engine.models.mixtral import MixtralForCausalLM
 from gllm_engine.models.qwen_moe import QwenMoeForCausalLM
@@ -92,10 +94,15 @@ def step_inputs(seqs: list[list[int]], chunks: list[tuple[int, int, int]]):
         tables.append(list(range(s * MAX_BLOCKS, (s + 1) * MAX_BLOCKS)))
     num_decodes = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    tiles = None
+    if num_decodes < len(q_lens):
+        tiles = torch.from_numpy(prefill_tile_map(np.array(q_lens[num_decodes:]), np.array(seq_lens[num_decodes:]),
+                                                  REFERENCE_OPS.prefill_block_m(0, torch.float32), num_decodes))
     meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots), query_start_loc=cu, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=torch.tensor(tables, dtype=torch.int32), num_decodes=num_decodes, max_query_len=max(q_lens),
-        prefill_query_start_loc=cu[num_decodes:] - cu[num_decodes] if num_decodes < len(q_lens) else None)
+        slot_mapping=torch.tensor(slots), query_start_loc=cu, seq_lens=lens,
+        block_tables=torch.tensor(tables, dtype=torch.int32), decode_seq_lens=lens[:num_decodes],
+        prefill_tiles=tiles, num_decodes=num_decodes)
     return torch.tensor(ids), torch.tensor(positions), meta
 
 

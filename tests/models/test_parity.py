@@ -65,7 +65,8 @@ def test_logits_match_transformers(tiny):
     logits = []
     for chunk in (10, len(prompt) - 10):
         plan = encoder.encode(SchedulerOutput([ScheduledSeq(seq, chunk)], num_decodes=0))
-        input_ids, positions, meta, _ = runner.prepare_inputs(plan, runner.input_batch.apply(plan))
+        step = runner.step_arrays(plan, runner.input_batch.apply(plan))
+        input_ids, positions, meta, _ = runner.prepare_inputs(step)
         with torch.no_grad():
             logits.append(runner.model.compute_logits(runner.model(input_ids, positions, meta)))
         seq.num_computed_tokens += chunk

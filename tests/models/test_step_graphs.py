@@ -1,0 +1,107 @@
+"""CUDA-graph inputs: a step padded to a graph's size computes what the unpadded step computes.
+
+On the CPU the padded inputs run eagerly through the reference kernels (what a graph replays, minus
+the capture); on a GPU the engine with graphs gives the greedy tokens of the engine without.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from gllm_engine import LLM, SamplingParams
+from gllm_engine.runner.cuda_graph import MAX_GRAPH_PREFILLS, GraphKey, StepGraphs, capture_sizes
+from gllm_engine.runner.input_batch import StepArrays
+from tests.helpers import make_tiny_model_dir
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def staggered_prompts(vocab: int) -> list[dict]:
+    """Prompts of many lengths: with a small token budget, prefill chunks share steps with decodes."""
+    g = torch.Generator().manual_seed(0)
+    return [{"prompt_token_ids": torch.randint(0, vocab, (3 + (11 * i) % 37,), generator=g).tolist()}
+            for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model_dir("Qwen3ForCausalLM", tmp_path_factory.mktemp("graphs"), with_tokenizer=False)
+
+
+def test_capture_sizes():
+    assert capture_sizes(8) == [1, 2, 4, 8]
+    assert capture_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    sizes = capture_sizes(1024, min_size=16)
+    assert sizes[0] == 16 and sizes[-1] == 1024 and 288 in sizes and 576 in sizes and 600 not in sizes
+
+
+def test_padded_graph_inputs_give_the_eager_hidden_states(model_dir):
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", skip_tokenizer_init=True, show_progress=False,
+              max_num_seqs=8, max_num_batched_tokens=32)
+    runner = llm.engine.executor.runner
+    max_blocks = -(-llm.engine.config.model.max_model_len // runner.block_size)
+    graphs = StepGraphs(runner.model, 8, 32, max_blocks, runner.prefill_block_m, runner.device)
+    eager_inputs = runner.prepare_inputs
+    checked: Counter = Counter()
+
+    def prepare_and_check(step):
+        inputs = eager_inputs(step)
+        key = graphs.pick(step)
+        if key is not None:
+            ids, positions, meta, logits_idx = graphs.load(key, step, runner.uploader)
+            assert ids.shape[0] == key.size >= step.num_tokens
+            # Both runs store the same k/v in the same slots (padded tokens store nothing).
+            expected = runner.model(*inputs[:3])
+            got = runner.model(ids, positions, meta)[:step.num_tokens]
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            assert torch.equal(logits_idx, inputs[3])
+            checked[key.mixed] += 1
+        return inputs
+
+    runner.prepare_inputs = prepare_and_check
+    outs = llm.generate(staggered_prompts(llm.engine.config.model.hf_config.vocab_size), PARAMS)
+    assert all(len(o.outputs[0].token_ids) == PARAMS.max_tokens for o in outs)
+    assert checked[True] >= 3 and checked[False] >= 3, checked  # mixed and decode-only graphs both chosen
+
+
+def test_pick_falls_back_to_eager_when_a_step_does_not_fit(model_dir):
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", skip_tokenizer_init=True, show_progress=False)
+    runner = llm.engine.executor.runner
+    graphs = StepGraphs(runner.model, 4, 64, 8, runner.prefill_block_m, runner.device)
+
+    def step(q_lens, num_decodes, width=2):
+        t = sum(q_lens)
+        z64 = np.zeros(t, dtype=np.int64)
+        return StepArrays(z64, z64, z64, z64[:len(q_lens)], np.zeros(len(q_lens) + 1, dtype=np.int32),
+                          np.array(q_lens, dtype=np.int32), np.array(q_lens, dtype=np.int32),
+                          np.zeros((len(q_lens), width), dtype=np.int32), num_decodes)
+
+    assert graphs.pick(step([1, 1, 1], 3)) == GraphKey(4, False)
+    assert graphs.pick(step([1] * 5, 5)) is None  # more decodes than the largest decode graph
+    assert graphs.pick(step([1, 20], 1)) == GraphKey(32, True)
+    assert graphs.pick(step([1, 70], 1)) is None  # more tokens than the largest mixed graph
+    assert graphs.pick(step([2] * (MAX_GRAPH_PREFILLS + 1), 0)) is None  # more prefill chunks than the tile map holds
+    assert graphs.pick(step([1, 1], 2, width=9)) is None  # a wider block table than captured
+
+
+@pytest.mark.gpu
+def test_graphs_keep_greedy_tokens_on_gpu(model_dir, monkeypatch):
+    """float32 on the GPU: the same tokens with and without graphs, and both kinds of graph replayed."""
+    replays: Counter = Counter()
+    replay = StepGraphs.replay
+    monkeypatch.setattr(StepGraphs, "replay", lambda self, key, n: replays.update([key.mixed]) or replay(self, key, n))
+
+    def run(enforce_eager):
+        llm = LLM(str(model_dir), device="cuda", dtype="float32", skip_tokenizer_init=True, show_progress=False,
+                  max_num_seqs=8, max_num_batched_tokens=32, enforce_eager=enforce_eager, num_gpu_blocks_override=256)
+        outs = llm.generate(staggered_prompts(llm.engine.config.model.hf_config.vocab_size), PARAMS)
+        return [o.outputs[0].token_ids for o in outs]
+
+    eager = run(True)
+    assert not replays
+    assert run(False) == eager
+    assert replays[True] >= 3 and replays[False] >= 3, replays
