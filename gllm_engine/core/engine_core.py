@@ -20,7 +20,6 @@ from gllm_engine.core.throttling import ChunkedPrefillPolicy, TokenThrottlePolic
 from gllm_engine.executor.comm import RankDiedError
 from gllm_engine.executor.executor import make_executor
 from gllm_engine.outputs import CompletionOutput, Logprob, RequestOutput
-from gllm_engine.runner.sampler import SamplerOutput
 from gllm_engine.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -76,6 +75,7 @@ class EngineCore:
         # DELTA outputs: per sequence, the output tokens and text characters already reported, and
         # whether its finish was.
         self._reported: dict[int, tuple[int, int, bool]] = {}
+        self._deferred: list[RequestOutput] = []  # outputs of an interrupted step, returned by the next
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
 
@@ -126,9 +126,17 @@ class EngineCore:
         """Run one engine step; outputs of the requests that advanced or finished, as each one's
         `output_kind` asks (FINAL_ONLY requests only once they finish).
 
-        Keeps up to pipeline-depth micro-batches in flight, then waits for the oldest.
+        Keeps up to pipeline-depth micro-batches in flight (one on a single rank). A call collects
+        the oldest batch when no more fit, adds its tokens to their sequences, launches the next
+        batch, and only then checks stop conditions and builds outputs, while the device runs the
+        new batch. So a sequence that stops is computed one step further, and that token is dropped.
         """
+        outputs, self._deferred = self._deferred, []
+        ready = None
         try:
+            if len(self.in_flight) >= self.max_in_flight:
+                ready = self._collect()
+            submitted = False
             while len(self.in_flight) < self.max_in_flight:
                 with record_function("schedule"):
                     plan = self.scheduler.schedule()
@@ -137,9 +145,9 @@ class EngineCore:
                     self.in_flight.append(plan)
                     step_plan = self.encoder.encode(plan)
                 self.executor.submit(step_plan)
-            if not self.in_flight:
-                return []
-            sampled = self.executor.collect()
+                submitted = True
+            if ready is None and self.in_flight and not submitted:  # nothing new to run: wait for what runs
+                ready = self._collect()
         except RankDiedError:
             # The engine cannot go on: end every request (blocks back to the pool) and stop the ranks.
             self.abort_requests(list(self.requests))
@@ -148,23 +156,29 @@ class EngineCore:
             raise
         except BaseException:
             # Interrupted (Ctrl-C) or failed mid-step: the batches in flight never finished, so their
-            # sequences start over and nothing they were about to write stays in the prefix cache.
+            # sequences start over and nothing they were about to write stays in the prefix cache. A
+            # batch already collected is finished, and its outputs come with the next call.
+            if ready is not None:
+                self._deferred = outputs + self._finish(ready)
             for plan in self.in_flight:
                 self.scheduler.rollback(plan)
             self.in_flight.clear()
             self.executor.reset()
             raise
-        with record_function("output"):
-            plan = self.in_flight.popleft()
-            self.scheduler.update(plan)
-            return self._process(plan, sampled)
+        if ready is not None:
+            with record_function("output"):
+                outputs += self._finish(ready)
+        return outputs
 
     def shutdown(self) -> None:
         """Stop the ranks (a no-op for a single-rank engine)."""
         self.executor.shutdown()
 
-    def _process(self, plan: SchedulerOutput, sampled: SamplerOutput) -> list[RequestOutput]:
-        """Append sampled tokens, detokenize, apply stop conditions; build the outputs users see."""
+    def _collect(self) -> list[tuple[Sequence, int]]:
+        """Wait for the oldest batch in flight; append its sampled tokens. Returns (sequence, token) pairs."""
+        sampled = self.executor.collect()
+        plan = self.in_flight.popleft()
+        self.scheduler.update(plan)
         advanced: list[tuple[Sequence, int]] = []
         row = 0
         for s in plan.scheduled:
@@ -174,12 +188,16 @@ class EngineCore:
             token = sampled.token_ids[row]
             entry = sampled.logprobs[row] if sampled.logprobs is not None else None
             row += 1
-            if seq.finished:  # aborted while its micro-batch was in flight
+            if seq.finished:  # aborted, or stopped, while its micro-batch was in flight
                 continue
             if entry is not None and seq.logprobs is not None:
                 seq.logprobs.append(self._logprob_entry(token, entry, seq.params.logprobs))
             seq.token_ids.append(token)
             advanced.append((seq, token))
+        return advanced
+
+    def _finish(self, advanced: list[tuple[Sequence, int]]) -> list[RequestOutput]:
+        """Detokenize the new tokens, apply stop conditions; build the outputs users see."""
         self._num_generation_tokens += len(advanced)
         new_chars = [0] * len(advanced)
         if self.tokenizer is not None:

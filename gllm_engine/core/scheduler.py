@@ -79,9 +79,16 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         in_flight = self.in_flight
         decodes, prefills = [], []
+        max_len = self.config.max_model_len
         for s in self.running:
-            if s.seq_id not in in_flight:
-                (decodes if len(s.token_ids) - s.num_computed_tokens == 1 else prefills).append(s)
+            if s.seq_id in in_flight:
+                continue
+            # A sequence whose last token reached a length limit is about to be finished by the engine
+            # (which appends tokens before it checks them): computing it further would be wasted.
+            limit = s.params.max_tokens
+            if (limit is not None and s.num_output_tokens >= limit) or len(s.token_ids) >= max_len:
+                continue
+            (decodes if len(s.token_ids) - s.num_computed_tokens == 1 else prefills).append(s)
         uses_state = self.policy.uses_state
         num_running_decodes = sum(1 for s in self.running if s.num_output_tokens > 0) if uses_state else 0
         quota = self.policy.decode_quota(num_running_decodes, min(budget, self.config.max_num_seqs))

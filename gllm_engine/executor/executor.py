@@ -1,7 +1,8 @@
 """Executors: run step plans on one rank in this process, or on many ranks through torch.distributed.
 
 Both expose `submit(plan)` (start a micro-batch) and `collect()` (the sampled tokens of the oldest
-one not yet collected), so the engine can keep a pipeline's micro-batches in flight.
+one not yet collected), so the engine can keep a pipeline's micro-batches in flight, and on one
+GPU schedule the next step while the current one runs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from gllm_engine.executor.launcher import RankProcesses, local_ranks, master_add
 from gllm_engine.executor.worker import Worker
 from gllm_engine.runner.input_batch import StepPlan
 from gllm_engine.runner.model_runner import ModelRunner
-from gllm_engine.runner.sampler import SamplerOutput
+from gllm_engine.runner.sampler import PendingSample, SamplerOutput
 
 
 class UniprocExecutor:
@@ -26,13 +27,13 @@ class UniprocExecutor:
         self.runner = ModelRunner(config, show_progress=show_progress)
         self.num_blocks = self.runner.available_num_blocks()
         self.runner.initialize_cache(self.num_blocks)
-        self._results: deque[SamplerOutput] = deque()
+        self._results: deque[PendingSample] = deque()
 
     def submit(self, plan: StepPlan) -> None:
         self._results.append(self.runner.execute(plan))
 
     def collect(self) -> SamplerOutput:
-        return self._results.popleft()
+        return self._results.popleft().to_host()
 
     def reset(self) -> None:
         """Drop the results of batches the engine rolled back."""
@@ -56,7 +57,7 @@ class MultiprocExecutor:
         is_engine_node = ranks.start == 0
         self.procs = RankProcesses(config, ranks[1:] if is_engine_node else ranks, master)
         self.worker: Worker | None = None
-        self._results: deque[SamplerOutput | None] = deque()
+        self._results: deque[PendingSample | None] = deque()
         self._remote_results: queue.Queue = queue.Queue()
         self._result_thread: threading.Thread | None = None
         if is_engine_node:
@@ -114,7 +115,7 @@ class MultiprocExecutor:
     def collect(self) -> SamplerOutput:
         local = self._results.popleft()
         if self.worker.comm.sampling_rank == 0:
-            return local
+            return local.to_host()
         while True:
             try:
                 out = self._remote_results.get(timeout=0.2)

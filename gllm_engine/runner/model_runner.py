@@ -22,7 +22,7 @@ from gllm_engine.loader.weights import load_model_weights
 from gllm_engine.models.registry import get_model_class
 from gllm_engine.runner.cuda_graph import MAX_GRAPH_TOKENS, StepGraphs
 from gllm_engine.runner.input_batch import HostUploader, InputBatch, SeqState, StepArrays, StepPlan
-from gllm_engine.runner.sampler import SamplerOutput, SamplingBatch, sample
+from gllm_engine.runner.sampler import PendingSample, SamplingBatch, sample
 
 logger = logging.getLogger(__name__)
 
@@ -208,11 +208,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, intermediate: Intermediate | None = None
-                ) -> SamplerOutput | Intermediate | None:
-        """Run this rank's part of one step.
+                ) -> PendingSample | Intermediate | None:
+        """Launch this rank's part of one step.
 
         Returns what the next pipeline stage needs on a non-last stage; on the last stage the
-        sampled tokens (one per sequence whose chunk `samples`) on the sampling rank, None elsewhere.
+        sampled tokens (one per sequence whose chunk `samples`, still on the device) on the sampling
+        rank, None elsewhere.
         """
         with record_function("prepare_inputs"):
             for seq_id in plan.finished_seq_ids:
@@ -232,7 +233,7 @@ class ModelRunner:
             if not self.layout.stage.is_last:
                 return hidden
             if logits_idx.numel() == 0:
-                return SamplerOutput([]) if self.layout.samples else None
+                return PendingSample(torch.empty(0, dtype=torch.int64)) if self.layout.samples else None
             logits = self.model.compute_logits(hidden[logits_idx])  # every TP rank joins the gather
         if not self.layout.samples:
             return None

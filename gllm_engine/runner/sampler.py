@@ -85,6 +85,25 @@ class SamplerOutput:
     logprobs: list[tuple[float, int, list[int], list[float]]] | None = None
 
 
+@dataclass
+class PendingSample:
+    """A step's sampled tokens while they are still on the device; `to_host` waits for them.
+
+    Returning this instead of host lists lets the engine schedule and launch the next step before
+    the GPU has finished this one.
+    """
+
+    tokens: torch.Tensor  # [N] int64
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # chosen, rank, top ids, top
+
+    def to_host(self) -> SamplerOutput:
+        token_list = self.tokens.tolist()
+        if self.logprobs is None:
+            return SamplerOutput(token_list)
+        chosen, ranks, top_ids, top_vals = (t.tolist() for t in self.logprobs)
+        return SamplerOutput(token_list, list(zip(chosen, ranks, top_ids, top_vals)))
+
+
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
     vocab = logits.shape[-1]
     for row, seq in zip(batch.penalty_rows, batch.penalty_seqs):
@@ -125,8 +144,8 @@ def _filter(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-    """Sample one token per row of `logits` `[N, V]` (float32)."""
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> PendingSample:
+    """Sample one token per row of `logits` `[N, V]` (float32), without waiting for the device."""
     raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs is not None else None
     for row, ids in batch.banned:
         logits[row, ids] = float("-inf")
@@ -145,10 +164,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         tokens = torch.where(batch.greedy, logits.argmax(dim=-1), sampled)
 
     if raw_logprobs is None:
-        return SamplerOutput(tokens.tolist())
+        return PendingSample(tokens)
     top_vals, top_ids = raw_logprobs.topk(max(batch.max_logprobs, 1), dim=-1)
     chosen = raw_logprobs.gather(-1, tokens[:, None])  # [N, 1]
     ranks = (raw_logprobs > chosen).sum(dim=-1) + 1
-    token_list = tokens.tolist()
-    rows = zip(chosen[:, 0].tolist(), ranks.tolist(), top_ids.tolist(), top_vals.tolist())
-    return SamplerOutput(token_list, [(lp, rank, ids, vals) for lp, rank, ids, vals in rows])
+    return PendingSample(tokens, (chosen[:, 0], ranks, top_ids, top_vals))

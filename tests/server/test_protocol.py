@@ -165,8 +165,9 @@ def test_engine_failure_is_a_500_object_and_the_server_goes_on(make_llm):
         body = {"prompt": [1, 2, 3], "max_tokens": 4}
         assert "device on fire" in assert_error(c.post("/v1/completions", json=body), 500)["message"]
         assert c.post("/v1/completions", json=body).json()["usage"]["completion_tokens"] == 4
-        # Mid-stream, after the status line: an error event, then [DONE].
-        StepGate(llm, fail=RuntimeError("again"), after=2)
+        # Mid-stream, after the status line: an error event, then [DONE]. (The first step call only
+        # launches the prefill; the next two report tokens, then the fourth fails.)
+        StepGate(llm, fail=RuntimeError("again"), after=3)
         events = sse_events(c.post("/v1/completions", json={**body, "stream": True, "ignore_eos": True}).text)
         assert events[0]["choices"] and "again" in events[-1]["error"]["message"]
         assert c.get("/health").status_code == 200

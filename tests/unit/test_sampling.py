@@ -34,7 +34,7 @@ def run(logits, *params, generators=None, output=(5, 5, 6)):
     """Sample `logits` for sequences with the given params (prompt 1 2 3, outputs `output`)."""
     seqs = seqs_for(*params, output=output)
     batch = SamplingBatch.build(seqs, torch.device("cpu"), logits.shape[-1], generators or {})
-    return sample(logits.clone(), batch)
+    return sample(logits.clone(), batch).to_host()
 
 
 def test_greedy_takes_the_argmax():
