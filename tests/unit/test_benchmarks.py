@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -70,3 +71,16 @@ def test_single_gpu_script_runs_every_workload_at_toy_size(tmp_path):
         assert "error" not in report[key] and report[key]["completed"] == report[key]["requests"]
     assert report["params"]["large"] > report["params"]["small"] > 0
     assert "Single-GPU workloads" in res.stdout and "Latency vs batch" in res.stdout
+
+
+def test_step_kinds_charges_every_step_to_a_kind(tmp_path):
+    model = make_tiny_model_dir("LlamaForCausalLM", tmp_path / "m", with_tokenizer=False, vocab_size=49152)
+    res = subprocess.run([sys.executable, "benchmarks/step_kinds.py", "--config", str(model), "--device", "cpu",
+                          "--dtype", "float32", "--num-prompts", "5", "--max-output-len", "4"],
+                         check=True, timeout=600, capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "200"})  # one line per table row
+    assert "5 requests in" in res.stdout and "Steps by kind" in res.stdout
+    steps = {line.split("│")[1].strip(): int(line.split("│")[2]) for line in res.stdout.splitlines()
+             if line.startswith("│") and line.split("│")[1].strip() in ("decode", "prefill <= 512")}
+    # One prefill step takes all five prompts, then three decode steps give tokens 2 to 4.
+    assert steps == {"prefill <= 512": 1, "decode": 3}, res.stdout

@@ -1,0 +1,124 @@
+"""Where an offline run's time goes, by kind of step: decode only, or with prefill chunks (by its tokens).
+
+    python benchmarks/step_kinds.py --requests-file .gpu/sharegpt1000.json [--max-num-seqs N] [--enforce-eager]
+
+Runs the ShareGPT workload of offline_throughput.py (gLLM, dummy weights, greedy, ignore_eos) through
+the engine core one step at a time. Each step's wall time is charged to the batch collected in it:
+with a batch in flight, a step waits for the previous batch, launches the next and then processes
+the collected one, so its time is the collected batch's GPU time plus what the host adds. Batches with
+prefill chunks are classified by their tokens in all (decodes included); up to the CUDA-graph limit
+(1,024 tokens, at most 16 chunks) they replay graphs. A table
+per kind gives steps, total seconds, median / p90 / max milliseconds and mean tokens, plus the
+slowest steps (a long one usually means a kernel compiled mid-run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from offline_throughput import dummy_gllm, sharegpt_requests, sync_device, warmup_requests  # noqa: E402
+
+from gllm_cli.datasets import load_requests  # noqa: E402
+
+KINDS = ("decode", "prefill <= 512", "prefill <= 1024", "prefill > 1024")
+
+
+def kind_of(num_tokens: int, num_decodes: int, num_seqs: int) -> str:
+    if num_decodes == num_seqs:
+        return "decode"
+    return "prefill <= 512" if num_tokens <= 512 else "prefill <= 1024" if num_tokens <= 1024 else "prefill > 1024"
+
+
+def run(args: argparse.Namespace) -> dict[str, list[tuple[float, int]]]:
+    """Per kind: (milliseconds, tokens) of every step of the workload."""
+    from gllm_engine import SamplingParams
+
+    requests = load_requests(args.requests_file) if args.requests_file else sharegpt_requests(args.num_prompts,
+                                                                                               args.seed)
+    requests = requests[: args.num_prompts]
+    if args.max_output_len:
+        for r in requests:
+            r.output_len = min(r.output_len, args.max_output_len)
+    llm = dummy_gllm(args, args.config)
+    llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warmup_requests(requests)],
+                 SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    core = llm.engine
+    for i, r in enumerate(requests):
+        core.add_request(str(i), r.prompt_token_ids,
+                         SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True))
+    launched: deque[tuple[str, int]] = deque()  # kinds of the batches in flight, oldest first
+    collected: list[tuple[str, int]] = []
+    schedule, collect = core.scheduler.schedule, core.executor.collect
+
+    def scheduled():
+        out = schedule()
+        if not out.is_empty:
+            launched.append((kind_of(out.num_tokens, out.num_decodes, len(out.scheduled)), out.num_tokens))
+        return out
+
+    def collecting():
+        collected.append(launched.popleft())
+        return collect()
+
+    core.scheduler.schedule, core.executor.collect = scheduled, collecting
+    times: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    sync_device(args.device)
+    start = time.perf_counter()
+    while core.has_unfinished_requests():
+        collected.clear()
+        t = time.perf_counter()
+        core.step()
+        ms = (time.perf_counter() - t) * 1e3
+        for kind, tokens in collected:
+            times[kind].append((ms / len(collected), tokens))
+    sync_device(args.device)
+    total_s = time.perf_counter() - start
+    tokens = sum(len(r.prompt_token_ids) + r.output_len for r in requests)
+    print(f"{len(requests)} requests in {total_s:.1f} s ({tokens / total_s:,.0f} total tok/s)")
+    return times
+
+
+def print_tables(times: dict[str, list[tuple[float, int]]]) -> None:
+    console = Console(highlight=False)
+    table = Table(title="Steps by kind")
+    for col in ("kind", "steps", "total s", "median ms", "p90 ms", "max ms", "mean tokens", "slowest (ms, tokens)"):
+        table.add_column(col, justify="left" if col in ("kind", "slowest (ms, tokens)") else "right")
+    for kind in KINDS:
+        rows = times.get(kind)
+        if not rows:
+            continue
+        ms = sorted(m for m, _ in rows)
+        slowest = ", ".join(f"{m:.0f} ({n})" for m, n in sorted(rows, reverse=True)[:3])
+        table.add_row(kind, str(len(rows)), f"{sum(ms) / 1e3:.2f}", f"{statistics.median(ms):.2f}",
+                      f"{ms[int(0.9 * (len(ms) - 1))]:.2f}", f"{ms[-1]:.1f}",
+                      f"{sum(n for _, n in rows) / len(rows):.0f}", slowest)
+    console.print(table)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="benchmarks/configs/llama3-8b", help="model dir (config.json; dummy weights)")
+    ap.add_argument("--requests-file", help="pre-sampled requests (offline_throughput.py --save-requests)")
+    ap.add_argument("--num-prompts", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--max-output-len", type=int, default=None, help="cap output lengths (smoke runs only)")
+    print_tables(run(ap.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
