@@ -5,8 +5,9 @@
 One row per case: kernel, shape, max |kernel - reference|, ok/FAIL (allclose at 2e-2), the kernel's and
 the reference's time in µs (triton.testing.do_bench, mean), and the kernel's achieved GB/s (memory-bound
 kernels) or TFLOP/s (prefill). Exits 1 if any case fails or raises; a raising case prints its traceback
-and the others still run. The kernel modules are loaded from their files, so only torch and triton are
-needed (not the engine's other dependencies).
+and the others still run. The kernel modules are loaded from their files, so only torch, triton and numpy
+are needed (not the engine's other dependencies); the prefill tile map comes from gllm_engine.layers.attention,
+which imports nothing more.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from functools import partial
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import torch
+
+from gllm_engine.layers.attention import prefill_tile_map  # numpy only: the kernel's work list
 
 KERNELS_DIR = Path(__file__).resolve().parents[1] / "gllm_engine" / "kernels"
 
@@ -144,10 +148,8 @@ def check_prefill(kn: Kernels, num_reqs: int, q_len: int, cached: int, dtype: to
     q = torch.randn(num_reqs * q_len, NUM_HEADS, HEAD_DIM, dtype=dtype, device=device)
     qsl = torch.arange(num_reqs + 1, dtype=torch.int32, device=device) * q_len
     lens = torch.full((num_reqs,), seq_len, dtype=torch.int32, device=device)
-    # The tile map (layers.attention.prefill_tile_map) of equal requests: every (request, query tile).
-    per_req = -(-q_len // kn.attention.prefill_block_m(HEAD_DIM, dtype))
-    tiles = torch.stack([torch.arange(num_reqs).repeat_interleave(per_req), torch.arange(per_req).repeat(num_reqs)])
-    tiles = tiles.to(torch.int32).to(device)
+    tiles = torch.from_numpy(prefill_tile_map(np.full(num_reqs, q_len), np.full(num_reqs, seq_len),
+                                              kn.attention.prefill_block_m(HEAD_DIM, dtype))).to(device)
     args = (q, k_cache, v_cache, table, qsl, lens, tiles, SCALE)
     out = kn.attention.paged_prefill_attention(*args)
     # the truth: the reference in float32

@@ -58,6 +58,17 @@ def sharegpt_requests(num: int, seed: int) -> list[BenchRequest]:
     return sample_sharegpt(data.records, load_tokenizer(default_model_path()), num, seed=seed)
 
 
+def workload_requests(requests_file: str | None, num_prompts: int, seed: int,
+                      max_output_len: int | None = None) -> list[BenchRequest]:
+    """The first `num_prompts` requests of `requests_file` (from --save-requests), else a ShareGPT sample;
+    outputs capped at `max_output_len` (smoke runs)."""
+    requests = (load_requests(requests_file) if requests_file else sharegpt_requests(num_prompts, seed))[:num_prompts]
+    if max_output_len:
+        for r in requests:
+            r.output_len = min(r.output_len, max_output_len)
+    return requests
+
+
 def throughput_row(engine: str, requests: list[BenchRequest], seconds: float, completed: int, input_tokens: int,
          output_tokens: int, note: str | None = None) -> Row:
     rates = throughput(seconds, completed, input_tokens, output_tokens)
@@ -326,12 +337,7 @@ def main() -> None:
     if not engines or any(e not in ENGINES for e in engines):
         ap.error(f"--engines takes a comma-separated subset of {', '.join(ENGINES)}")
 
-    requests = load_requests(args.requests_file) if args.requests_file else sharegpt_requests(args.num_prompts,
-                                                                                               args.seed)
-    requests = requests[: args.num_prompts]
-    if args.max_output_len:
-        for r in requests:
-            r.output_len = min(r.output_len, args.max_output_len)
+    requests = workload_requests(args.requests_file, args.num_prompts, args.seed, args.max_output_len)
     if args.save_requests:
         save_requests(requests, args.save_requests)
         print(f"wrote {len(requests)} requests to {args.save_requests}")

@@ -36,7 +36,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from gllm_cli.datasets import BenchRequest, load_requests
+from gllm_cli.datasets import BenchRequest
 from gllm_cli.metrics import throughput
 from gllm_cli.serve import spawn_server
 
@@ -222,15 +222,9 @@ def main() -> None:
     args = ap.parse_args()
     args.model = args.model or None
 
-    if args.requests_file:
-        requests = load_requests(args.requests_file)[: args.num_prompts]
-    else:
-        from offline_throughput import sharegpt_requests  # this directory's script: the same ShareGPT sampling
+    from offline_throughput import workload_requests  # this directory's script: the same ShareGPT sampling
 
-        requests = sharegpt_requests(args.num_prompts, seed=0)
-    if args.max_output_len:
-        requests = [BenchRequest(r.prompt, r.prompt_token_ids, min(r.output_len, args.max_output_len))
-                    for r in requests]
+    requests = workload_requests(args.requests_file, args.num_prompts, 0, args.max_output_len)
 
     with tempfile.TemporaryDirectory(prefix="gllm-server-overhead-") as tmp:
         off = row("offline LLM.generate", requests, run_offline(args, requests, Path(tmp)))

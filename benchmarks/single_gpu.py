@@ -37,12 +37,12 @@ from offline_throughput import (  # noqa: E402
     dummy_gllm,
     run_isolated,
     run_transformers,
-    sharegpt_requests,
     timed_gllm,
     warmup_requests,
+    workload_requests,
 )
 
-from gllm_cli.datasets import BenchRequest, load_requests, uniform_requests  # noqa: E402
+from gllm_cli.datasets import BenchRequest, uniform_requests  # noqa: E402
 
 # Figures quoted in issue 6 for the same workloads (not measured here).
 PUBLISHED = {
@@ -208,12 +208,11 @@ def main() -> None:
     ap.add_argument("--output-json")
     args = ap.parse_args()
 
-    sharegpt = (load_requests(args.requests_file) if args.requests_file
-                else sharegpt_requests(args.num_prompts, args.seed))[: args.num_prompts]
+    sharegpt = workload_requests(args.requests_file, args.num_prompts, args.seed, args.max_output_len)
     small_vocab = json.loads((Path(args.small_config) / "config.json").read_text())["vocab_size"]
     uniform = uniform_requests(args.uniform_requests, *args.uniform_range, vocab_size=small_vocab, seed=args.seed)
     if args.max_output_len:
-        for r in (*sharegpt, *uniform):
+        for r in uniform:
             r.output_len = min(r.output_len, args.max_output_len)
     params = {"large": _params(args.config), "small": _params(args.small_config)}
     itemsize = 4 if args.dtype == "float32" else 2

@@ -26,9 +26,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from offline_throughput import dummy_gllm, sharegpt_requests, sync_device, warmup_requests  # noqa: E402
-
-from gllm_cli.datasets import load_requests  # noqa: E402
+from offline_throughput import dummy_gllm, sync_device, warmup_requests, workload_requests  # noqa: E402
 
 KINDS = ("decode", "prefill <= 512", "prefill <= 1024", "prefill > 1024")
 
@@ -43,12 +41,7 @@ def run(args: argparse.Namespace) -> dict[str, list[tuple[float, int]]]:
     """Per kind: (milliseconds, tokens) of every step of the workload."""
     from gllm_engine import SamplingParams
 
-    requests = load_requests(args.requests_file) if args.requests_file else sharegpt_requests(args.num_prompts,
-                                                                                               args.seed)
-    requests = requests[: args.num_prompts]
-    if args.max_output_len:
-        for r in requests:
-            r.output_len = min(r.output_len, args.max_output_len)
+    requests = workload_requests(args.requests_file, args.num_prompts, args.seed, args.max_output_len)
     llm = dummy_gllm(args, args.config)
     llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warmup_requests(requests)],
                  SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))

@@ -54,9 +54,9 @@ def _ms(us: float) -> str:
 
 
 def phase_table(averages: Any, wall_s: float, on_gpu: bool) -> Table:
+    """Calls and total time of each engine phase (host time; on the GPU also the device time of its kernels)."""
     from torch.autograd import DeviceType
 
-    """Calls and total time of each engine phase (host time; on the GPU also the device time of its kernels)."""
     by_key = {e.key: e for e in averages if e.key in PHASES and e.device_type == DeviceType.CPU}
     table = Table(title="Engine phases", caption=f"{wall_s * 1000:,.0f} ms profiled; detokenize runs inside output")
     for col in ("phase", "calls", "CPU total (ms)", "% of wall", *(("CUDA total (ms)",) if on_gpu else ())):
@@ -73,9 +73,9 @@ def phase_table(averages: Any, wall_s: float, on_gpu: bool) -> Table:
 
 
 def top_table(averages: Any, top: int, kernels: bool) -> Table:
+    """The `top` operators by self CPU time, or (kernels=True) the `top` GPU kernels by self CUDA time."""
     from torch.autograd import DeviceType
 
-    """The `top` operators by self CPU time, or (kernels=True) the `top` GPU kernels by self CUDA time."""
     # Phase ranges appear as user annotations, on the GPU's timeline too: they are not operators or kernels.
     events = [e for e in averages if not e.is_user_annotation and e.key not in PHASES]
     if kernels:

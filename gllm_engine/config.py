@@ -168,8 +168,10 @@ class EngineConfig:
         """Resolve defaults (device, dtype, context length, token budget) and validate every option."""
         if load_format not in LOAD_FORMATS:
             raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
-        for name, value in (("block_size", block_size),
-                            ("max_num_seqs", DEFAULT_MAX_NUM_SEQS if max_num_seqs is None else max_num_seqs),
+        torch_device = _resolve_device(device)
+        if max_num_seqs is None:
+            max_num_seqs = GPU_MAX_NUM_SEQS if torch_device.type == "cuda" else DEFAULT_MAX_NUM_SEQS
+        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("tensor_parallel_size", tensor_parallel_size),
                             ("pipeline_parallel_size", pipeline_parallel_size),
                             ("expert_parallel_size", expert_parallel_size)):
@@ -194,9 +196,6 @@ class EngineConfig:
         if nnodes > 1 and master_port is None:
             raise ConfigError("master_port is required when nnodes > 1 (every node must use the same one)")
 
-        torch_device = _resolve_device(device)
-        if max_num_seqs is None:
-            max_num_seqs = GPU_MAX_NUM_SEQS if torch_device.type == "cuda" else DEFAULT_MAX_NUM_SEQS
         files = resolve_model_files(model, tokenizer=tokenizer, load_format=load_format)
         hf_config = files.load_hf_config()
         _check_parallel_fit(hf_config, tensor_parallel_size, pipeline_parallel_size, pp_layer_split)

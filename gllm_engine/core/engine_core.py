@@ -69,8 +69,7 @@ class EngineCore:
         self.encoder = PlanEncoder()
         self.in_flight: deque[SchedulerOutput] = deque()  # micro-batches submitted, not yet collected
         self.max_in_flight = pp
-        # A sequence must fit in the whole cache, or preempting everything else would not let it grow.
-        self.max_seq_len = min(config.model.max_model_len, num_blocks * config.cache.block_size)
+        self.max_seq_len = self.scheduler.max_seq_len
         self.requests: dict[str, Request] = {}
         # DELTA outputs: per sequence, the output tokens and text characters already reported, and
         # whether its finish was.
@@ -233,9 +232,7 @@ class EngineCore:
             self.scheduler.finish(seq, "stop", token)
         elif past_min and (stop := find_stop_string(seq, new_chars)) is not None:
             self.scheduler.finish(seq, "stop", stop)
-        elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            self.scheduler.finish(seq, "length")
-        elif seq.num_tokens >= self.max_seq_len:
+        elif seq.at_length_limit(self.max_seq_len):
             self.scheduler.finish(seq, "length")
 
     def _logprob_entry(self, token: int, entry: tuple, top_n: int) -> dict[int, Logprob]:

@@ -68,6 +68,11 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
 
+    def at_length_limit(self, max_len: int) -> bool:
+        """Whether the sequence has all the tokens it may have: its max_tokens, or `max_len` in all."""
+        limit = self.params.max_tokens
+        return (limit is not None and self.num_output_tokens >= limit) or self.num_tokens >= max_len
+
 
 @dataclass(eq=False)
 class Request:

@@ -64,6 +64,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.in_flight: set[int] = set()  # seq_ids of scheduled batches not yet updated
+        # A sequence must fit in the whole cache, or preempting everything else would not let it grow.
+        self.max_seq_len = min(config.max_model_len, kv_cache.pool.num_blocks * kv_cache.block_size)
         self.num_preemptions = 0
 
     @property
@@ -79,14 +81,11 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         in_flight = self.in_flight
         decodes, prefills = [], []
-        max_len = self.config.max_model_len
+        max_len = self.max_seq_len
         for s in self.running:
-            if s.seq_id in in_flight:
-                continue
-            # A sequence whose last token reached a length limit is about to be finished by the engine
-            # (which appends tokens before it checks them): computing it further would be wasted.
-            limit = s.params.max_tokens
-            if (limit is not None and s.num_output_tokens >= limit) or len(s.token_ids) >= max_len:
+            # A sequence at a length limit is about to be finished by the engine (which appends tokens
+            # before it checks them): computing it further would be wasted.
+            if s.seq_id in in_flight or s.at_length_limit(max_len):
                 continue
             (decodes if len(s.token_ids) - s.num_computed_tokens == 1 else prefills).append(s)
         uses_state = self.policy.uses_state

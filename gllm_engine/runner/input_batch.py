@@ -137,20 +137,21 @@ class HostUploader:
         else:
             device_buf = into
             device_buf[:total].copy_(buf[:total], non_blocking=True)
-        views, offset = [], 0
-        for a in arrays:
-            views.append(device_buf[offset:offset + a.size].view(a.shape))
-            offset += a.size
-        return views
+        return _views(device_buf, arrays)
 
 
 def _copy_into(dest: torch.Tensor, np_dtype: type, arrays: list[np.ndarray]) -> list[torch.Tensor]:
     """CPU: `arrays` packed at the start of `dest`, as views of it."""
+    packed = np.concatenate([np.asarray(a, dtype=np_dtype).reshape(-1) for a in arrays])
+    dest[:packed.size].copy_(torch.from_numpy(packed))
+    return _views(dest, arrays)
+
+
+def _views(flat: torch.Tensor, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+    """Views of `flat` with the arrays' shapes, packed in order from its start."""
     views, offset = [], 0
     for a in arrays:
-        view = dest[offset:offset + a.size]
-        view.copy_(torch.from_numpy(np.ascontiguousarray(a, dtype=np_dtype).reshape(-1)))
-        views.append(view.view(a.shape))
+        views.append(flat[offset:offset + a.size].view(a.shape))
         offset += a.size
     return views
 

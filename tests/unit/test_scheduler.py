@@ -96,13 +96,24 @@ def test_preemption_frees_blocks_and_recomputes_later():
     sched.kv_cache.pool.check_integrity()
 
 
-def test_a_sequence_alone_that_cannot_grow_preempts_itself():
+def test_a_sequence_that_cannot_grow_while_the_rest_is_scheduled_preempts_itself():
+    sched = make_scheduler(num_blocks=3, block_size=4)
+    first, second = make_seq(4, "a"), make_seq(4, "b")
+    sched.add(first)
+    sched.add(second)
+    run_step(sched)  # both prompts, one block each; one block left
+    plan = run_step(sched)  # both need a second block: the first takes it, the second has no victim but itself
+    assert [s.seq for s in plan.scheduled] == [first] and plan.preempted == [second]
+
+
+def test_a_sequence_that_fills_the_whole_cache_is_not_scheduled_further():
     sched = make_scheduler(num_blocks=2, block_size=4)
-    seq = make_seq(8)
+    assert sched.max_seq_len == 8  # the cache, not max_model_len (1024), is the limit
+    seq = make_seq(7)
     sched.add(seq)
-    run_step(sched)
-    plan = run_step(sched)
-    assert plan.preempted == [seq] and plan.is_empty
+    run_step(sched)  # 7 prompt tokens, then the 8th sampled: the engine finishes it for length
+    plan = sched.schedule()
+    assert plan.is_empty and not plan.preempted
 
 
 def test_block_pool_accounting():
