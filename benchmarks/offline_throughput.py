@@ -91,7 +91,7 @@ def dummy_gllm(args: argparse.Namespace, config_dir: str) -> Any:
 
     return LLM(config_dir, load_format="dummy", dtype=args.dtype, device=args.device, skip_tokenizer_init=True,
                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-               enforce_eager=args.enforce_eager, show_progress=False)
+               enforce_eager=args.enforce_eager, async_scheduling=not args.no_async_scheduling, show_progress=False)
 
 
 def timed_gllm(llm: Any, requests: list[BenchRequest], device: str, use_tqdm: bool = False) -> Row:
@@ -325,6 +325,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=None, help="gLLM (default: the engine's)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="gLLM")
     ap.add_argument("--enforce-eager", action="store_true", help="gLLM: no CUDA graphs")
+    ap.add_argument("--no-async-scheduling", action="store_true", help="gLLM: plan a step after the last's tokens")
     ap.add_argument("--max-output-len", type=int, default=None, help="cap output lengths (smoke runs only)")
     ap.add_argument("--transformers-timeout", type=float, default=300.0,
                     help="seconds of generation before the transformers baseline is stopped (then reported partial)")

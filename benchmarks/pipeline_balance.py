@@ -108,8 +108,9 @@ def simulate(trace: list[TraceRequest], pp: int, throttle: bool, num_blocks: int
         now = max(now, min(times))
         while in_flight and in_flight[0][0] <= now:
             _, _, done = heapq.heappop(in_flight)
-            sched.update(done)
             for s in done.scheduled:
+                if s.samples:
+                    s.seq.num_pending -= 1
                 if s.samples and not s.seq.finished:
                     s.seq.token_ids.append(2)
                     output_tokens += 1

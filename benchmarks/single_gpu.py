@@ -201,6 +201,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=None, help="gLLM (default: the engine's)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--no-async-scheduling", action="store_true", help="plan each step after the last one's tokens")
     ap.add_argument("--max-output-len", type=int, default=None, help="cap ShareGPT/uniform outputs (smoke runs)")
     ap.add_argument("--transformers-timeout", type=float, default=120.0)
     ap.add_argument("--gllm-timeout", type=float, default=900.0)

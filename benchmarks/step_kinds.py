@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--no-async-scheduling", action="store_true", help="plan each step after the last one's tokens")
     ap.add_argument("--max-output-len", type=int, default=None, help="cap output lengths (smoke runs only)")
     print_tables(run(ap.parse_args()))
 

@@ -91,6 +91,8 @@ class SchedulerConfig:
     # "chunked_prefill" (every ready decode, prefill fills the budget) or "token_throttling".
     schedule_method: str = "chunked_prefill"
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    # On one rank, plan and launch the next step while the device runs this one.
+    async_scheduling: bool = True
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,7 @@ class EngineConfig:
         pp_layer_split: list[int] | None = None,
         schedule_method: str = "auto",
         throttle: ThrottleConfig | None = None,
+        async_scheduling: bool = True,
         nnodes: int = 1,
         node_rank: int = 0,
         master_addr: str = "127.0.0.1",
@@ -230,7 +233,8 @@ class EngineConfig:
                                       max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len,
                                       enable_chunked_prefill=enable_chunked_prefill,
-                                      schedule_method=schedule_method, throttle=throttle or ThrottleConfig()),
+                                      schedule_method=schedule_method, throttle=throttle or ThrottleConfig(),
+                                      async_scheduling=async_scheduling),
             parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size,
                                     tuple(pp_layer_split) if pp_layer_split else None,
                                     nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,

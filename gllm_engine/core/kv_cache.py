@@ -171,8 +171,9 @@ class KVCacheManager:
         return True
 
     def _name_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
-        """Name the blocks that will be full once this step's tokens are written."""
-        start, end = seq.num_named_blocks, num_tokens // self.block_size
+        """Name the blocks that will be full once this step's tokens are written, of tokens known here
+        (a block ending in a token still being sampled is named by a later step)."""
+        start, end = seq.num_named_blocks, min(num_tokens, len(seq.token_ids)) // self.block_size
         if end <= start:
             return
         parent = hash(seq.last_block_key) if seq.last_block_key is not None else root_key(seq.cache_salt)
@@ -180,12 +181,6 @@ class KVCacheManager:
         for b, key in zip(seq.block_ids[start:end], keys):
             self.pool.name(b, key)
         seq.num_named_blocks, seq.last_block_key = end, keys[-1]
-
-    def unname_uncomputed(self, seq: Sequence) -> None:
-        """Unname blocks named ahead of a step that never ran: their KV was not written."""
-        first = seq.num_computed_tokens // self.block_size
-        for b in seq.block_ids[first:seq.num_named_blocks]:
-            self.pool.unname(b)
 
     def free(self, seq: Sequence) -> None:
         """Return `seq`'s blocks; its last blocks go first in the eviction order."""

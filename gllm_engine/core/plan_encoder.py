@@ -17,7 +17,7 @@ class PlanEncoder:
         self._finished: list[int] = []
 
     def forget(self, seq_id: int) -> None:
-        """The sequence ended; ranks drop it with the next plan."""
+        """The sequence ended, or starts over after a rollback; ranks drop their mirror of it with the next plan."""
         if self._sent_tokens.pop(seq_id, None) is not None:
             self._sent_blocks.pop(seq_id, None)
             self._finished.append(seq_id)
@@ -28,7 +28,8 @@ class PlanEncoder:
             seq = s.seq
             known = self._sent_tokens.get(seq.seq_id)
             first = known is None
-            upto = seq.num_computed_tokens + s.num_new_tokens
+            upto = s.start + s.num_new_tokens
+            # Up to `upto`; a pending token is not known yet, and the rank takes it from its last samples.
             new_tokens = seq.token_ids[0 if first else known:upto]
             blocks = None
             sent = self._sent_blocks.get(seq.seq_id)
@@ -36,7 +37,7 @@ class PlanEncoder:
                 blocks = list(seq.block_ids)
                 self._sent_blocks[seq.seq_id] = (seq.block_ids, len(blocks))
             self._sent_tokens[seq.seq_id] = max(upto, known or 0)
-            deltas.append(SeqDelta(seq.seq_id, seq.num_computed_tokens, s.num_new_tokens, s.samples, new_tokens,
+            deltas.append(SeqDelta(seq.seq_id, s.start, s.num_new_tokens, s.samples, new_tokens,
                                    blocks, seq.num_prompt_tokens if first else 0, seq.params if first else None))
         plan = StepPlan(deltas, out.num_decodes, self._finished)
         self._finished = []

@@ -24,8 +24,9 @@ _seq_counter = itertools.count()
 class Sequence:
     """One of a request's `n` samples; the unit the scheduler batches.
 
-    `token_ids` holds the prompt then the generated tokens; the first `num_computed_tokens` of
-    them have KV entries in `block_ids`.
+    `token_ids` holds the prompt then the generated tokens known so far; `num_pending` more were
+    sampled by steps still in flight. KV entries of the first `num_computed_tokens` tokens (counting
+    the steps in flight, which the scheduler credits when it plans them) live in `block_ids`.
     """
 
     request_id: str
@@ -36,6 +37,7 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_seq_counter))
     status: SeqStatus = SeqStatus.WAITING
     num_computed_tokens: int = 0
+    num_pending: int = 0  # tokens sampled by steps in flight, not yet known here
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     block_ids: list[int] = field(default_factory=list)
     # Prefix-cache naming progress (owned by core.kv_cache): blocks named so far, the last one's key.
@@ -68,10 +70,12 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
 
-    def at_length_limit(self, max_len: int) -> bool:
-        """Whether the sequence has all the tokens it may have: its max_tokens, or `max_len` in all."""
+    def at_length_limit(self, max_len: int, num_pending: int = 0) -> bool:
+        """Whether the sequence has all the tokens it may have (its max_tokens, or `max_len` in all),
+        counting `num_pending` tokens still being sampled."""
         limit = self.params.max_tokens
-        return (limit is not None and self.num_output_tokens >= limit) or self.num_tokens >= max_len
+        return ((limit is not None and self.num_output_tokens + num_pending >= limit)
+                or self.num_tokens + num_pending >= max_len)
 
 
 @dataclass(eq=False)

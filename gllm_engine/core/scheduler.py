@@ -20,15 +20,19 @@ from gllm_engine.core.throttling import CacheState, ChunkedPrefillPolicy, TokenT
 
 @dataclass
 class ScheduledSeq:
-    """One sequence's share of a step: compute `num_new_tokens` tokens from `num_computed_tokens`."""
+    """One sequence's share of a step: compute `num_new_tokens` tokens from `start`."""
 
     seq: Sequence
     num_new_tokens: int
-    # True when the chunk reaches the end of the known tokens, so its last logits are sampled.
+    start: int = field(init=False)  # tokens computed before this step
+    # True when the chunk reaches the end of the tokens (known or pending), so its last logits are sampled.
     samples: bool = field(init=False)
+    named_blocks: list[int] = field(default_factory=list)  # blocks this step completes and names
 
     def __post_init__(self) -> None:
-        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        seq = self.seq
+        self.start = seq.num_computed_tokens
+        self.samples = self.start + self.num_new_tokens == len(seq.token_ids) + seq.num_pending
 
 
 @dataclass
@@ -51,19 +55,23 @@ class SchedulerOutput:
 class Scheduler:
     """Forms each step's batch from running and waiting sequences.
 
-    Sequences of a batch still being computed (a pipeline's micro-batches in flight) are
-    skipped until `update` brings their results; everything else about batch sizes is the
-    policy's call (`core.throttling`).
+    A planned step is credited at once: its tokens count as computed, and a chunk that samples
+    leaves its sequence a pending token. So the next step can be planned while this one runs:
+    a later prefill chunk right away, and a decode of a pending token only when
+    `decode_pending` says the runner takes that token from the device (one rank); otherwise it
+    waits for the engine to collect the token. Everything else about batch sizes is the policy's
+    call (`core.throttling`).
     """
 
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager,
-                 policy: ChunkedPrefillPolicy | TokenThrottlePolicy | None = None):
+                 policy: ChunkedPrefillPolicy | TokenThrottlePolicy | None = None, *,
+                 decode_pending: bool = False):
         self.config = config
         self.kv_cache = kv_cache
         self.policy = policy or ChunkedPrefillPolicy()
+        self.decode_pending = decode_pending
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.in_flight: set[int] = set()  # seq_ids of scheduled batches not yet updated
         # A sequence must fit in the whole cache, or preempting everything else would not let it grow.
         self.max_seq_len = min(config.max_model_len, kv_cache.pool.num_blocks * kv_cache.block_size)
         self.num_preemptions = 0
@@ -79,17 +87,23 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        in_flight = self.in_flight
         decodes, prefills = [], []
         max_len = self.max_seq_len
+        decode_pending = self.decode_pending
         for s in self.running:
-            # A sequence at a length limit is about to be finished by the engine (which appends tokens
-            # before it checks them): computing it further would be wasted.
-            if s.seq_id in in_flight or s.at_length_limit(max_len):
+            pending = s.num_pending
+            # A pending token feeds a decode only from the device, and not where penalties must read
+            # the whole output on the host.
+            if pending and (not decode_pending or pending > 1 or s.params.has_penalties):
                 continue
-            (decodes if len(s.token_ids) - s.num_computed_tokens == 1 else prefills).append(s)
+            # A sequence at a length limit is about to be finished by the engine: computing it further
+            # would be wasted.
+            if s.at_length_limit(max_len, pending):
+                continue
+            (decodes if len(s.token_ids) + pending - s.num_computed_tokens == 1 else prefills).append(s)
         uses_state = self.policy.uses_state
-        num_running_decodes = sum(1 for s in self.running if s.num_output_tokens > 0) if uses_state else 0
+        num_running_decodes = (sum(1 for s in self.running if s.num_output_tokens + s.num_pending > 0)
+                               if uses_state else 0)
         quota = self.policy.decode_quota(num_running_decodes, min(budget, self.config.max_num_seqs))
         for seq in decodes[:quota]:
             if self._grow(seq, 1, out):
@@ -110,6 +124,8 @@ class Scheduler:
         while (self.waiting and prefill_budget > 0 and len(self.running) < self.config.max_num_seqs
                and not out.preempted):
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted while its last step runs: wait for that step's token
+                break
             cached = self.kv_cache.find_cached_prefix(seq)
             num_cached = len(cached) * self.kv_cache.block_size
             remaining = seq.num_tokens - num_cached
@@ -124,15 +140,24 @@ class Scheduler:
                 seq.num_cached_tokens = num_cached
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, num_new))
+            self._add(out, seq, num_new)
             prefill_budget -= num_new
 
         # Decodes (one query token) first: the attention kernels split the batch there.
         out.scheduled.sort(key=lambda s: s.num_new_tokens > 1)
         out.num_decodes = sum(1 for s in out.scheduled if s.num_new_tokens == 1)
-        self.in_flight.update(s.seq.seq_id for s in out.scheduled)
+        for s in out.scheduled:  # credit the step: its tokens computed, its samples pending
+            s.seq.num_computed_tokens += s.num_new_tokens
+            s.seq.num_pending += s.samples
         self.policy.on_step(bool(out.preempted))
         return out
+
+    def _add(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+        s = ScheduledSeq(seq, num_new)
+        bs = self.kv_cache.block_size
+        if seq.num_named_blocks * bs > s.start:  # remembered so that a rollback can unname them
+            s.named_blocks = seq.block_ids[s.start // bs:seq.num_named_blocks]
+        out.scheduled.append(s)
 
     def _grow(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
         """Schedule `num_new` tokens of running `seq`, preempting later sequences for blocks if needed."""
@@ -140,12 +165,11 @@ class Scheduler:
             return False
         while not self.kv_cache.allocate_slots(seq, num_new):
             scheduled = {id(s.seq) for s in out.scheduled}
-            victim = next((v for v in reversed(self.running) if v is not seq and id(v) not in scheduled
-                           and v.seq_id not in self.in_flight), seq)
+            victim = next((v for v in reversed(self.running) if v is not seq and id(v) not in scheduled), seq)
             self._preempt(victim, out)
             if victim is seq:
                 return False
-        out.scheduled.append(ScheduledSeq(seq, num_new))
+        self._add(out, seq, num_new)
         return True
 
     def _cache_state(self) -> CacheState:
@@ -155,21 +179,23 @@ class Scheduler:
             limit = max_len - s.num_prompt_tokens
             if s.params.max_tokens is not None:
                 limit = min(limit, s.params.max_tokens)
-            remaining_out += max(0, limit - s.num_output_tokens)
+            remaining_out += max(0, limit - s.num_output_tokens - s.num_pending)
         waiting_tokens = sum(s.num_tokens - s.num_computed_tokens for s in self.waiting)
         waiting_tokens += sum(s.num_tokens - s.num_computed_tokens for s in self.running
-                              if s.num_tokens - s.num_computed_tokens > 1)
+                              if not s.num_pending and s.num_tokens - s.num_computed_tokens > 1)
         return CacheState(num_free_blocks=self.kv_cache.num_free_blocks,
                           num_total_blocks=self.kv_cache.pool.num_blocks,
                           block_size=self.kv_cache.block_size, remaining_output_tokens=remaining_out,
                           num_waiting=len(self.waiting), waiting_prefill_tokens=waiting_tokens)
 
     def rollback(self, out: SchedulerOutput) -> None:
-        """Undo a batch that was scheduled but never ran (interrupted): its sequences start over."""
+        """Undo a batch that was planned but never ran (interrupted): its sequences start over, their
+        pending tokens are dropped, and the blocks it named lose their names (their KV was not written)."""
         for s in out.scheduled:
-            self.in_flight.discard(s.seq.seq_id)
+            for b in s.named_blocks:
+                self.kv_cache.pool.unname(b)
+            s.seq.num_pending = 0
             if s.seq.status is SeqStatus.RUNNING:
-                self.kv_cache.unname_uncomputed(s.seq)
                 self._preempt(s.seq, None)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput | None) -> None:
@@ -182,12 +208,6 @@ class Scheduler:
         self.num_preemptions += 1
         if out is not None:
             out.preempted.append(seq)
-
-    def update(self, out: SchedulerOutput) -> None:
-        """Advance computed-token counts after the batch ran (sampled tokens are appended by the caller)."""
-        for s in out.scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
-            self.in_flight.discard(s.seq.seq_id)
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         """End a sequence (stop, length or abort) and return its blocks."""

@@ -23,6 +23,9 @@ from gllm_engine.runner.sampler import PendingSample, SamplerOutput
 class UniprocExecutor:
     """The whole model on one device in this process."""
 
+    # The runner can take a decode's input token from the previous step's samples on the device.
+    feeds_sampled_tokens = True
+
     def __init__(self, config: EngineConfig, *, show_progress: bool = True):
         self.runner = ModelRunner(config, show_progress=show_progress)
         self.num_blocks = self.runner.available_num_blocks()
@@ -38,6 +41,7 @@ class UniprocExecutor:
     def reset(self) -> None:
         """Drop the results of batches the engine rolled back."""
         self._results.clear()
+        self.runner.reset()
 
     def shutdown(self) -> None:
         pass
@@ -49,6 +53,9 @@ class MultiprocExecutor:
     Plans go to every rank; hidden states flow stage to stage; the last stage's first TP rank
     returns the sampled tokens. On nodes other than node 0 there is no engine: `serve_forever`.
     """
+
+    # Samples reach the first stage's ranks only through the engine.
+    feeds_sampled_tokens = False
 
     def __init__(self, config: EngineConfig, *, show_progress: bool = True):
         self.config = config

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from gllm_engine.layers.attention import AttentionMetadata, prefill_tile_map
-from gllm_engine.runner.input_batch import HostUploader, StepArrays
+from gllm_engine.runner.input_batch import HostUploader, ModelInputs, StepArrays, pack_layout
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +52,15 @@ class StepGraphs:
         self.mixed_sizes = capture_sizes(max_tokens, min_size=16) if max_tokens >= 16 else []
         m = self.max_rows = max(self.decode_sizes[-1], self.mixed_sizes[-1] if self.mixed_sizes else 0)
         self.max_tiles = self._num_tiles(m)
-        # Flat static inputs at fixed offsets: int64 [ids | positions | slots], int32 [query_start_loc |
-        # seq_lens | decode_seq_lens | tile map]; a graph of size S views the first S (S+1, 2 x tiles) of each.
-        self.int64 = torch.zeros(3 * m + m, dtype=torch.int64, device=device)  # + room for logits indices
-        self.int32 = torch.zeros(3 * m + 1 + 2 * self.max_tiles + max_num_seqs * max_blocks_per_seq,
-                                 dtype=torch.int32, device=device)  # + room for the step's block tables
+        # Flat static inputs, packed as HostUploader packs a step's arrays: int64 [ids | positions | slots],
+        # then room for what is read outside the graph (logits indices, the pending-token feed); int32
+        # [query_start_loc | seq_lens | decode_seq_lens | tile map], then room for the step's block tables.
+        # A graph of size S views the first S (S+1, 2 x tiles) of each region.
+        self._at64, size64 = pack_layout([m] * 6, torch.int64.itemsize)
+        self._at32, size32 = pack_layout([m + 1, m, m, 2 * self.max_tiles, max_num_seqs * max_blocks_per_seq],
+                                         torch.int32.itemsize)
+        self.int64 = torch.zeros(size64, dtype=torch.int64, device=device)
+        self.int32 = torch.zeros(size32, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((m, max_blocks_per_seq), dtype=torch.int32, device=device)
         self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[GraphKey, torch.Tensor] = {}
@@ -65,17 +69,18 @@ class StepGraphs:
         return -(-size // self.block_m) + MAX_GRAPH_PREFILLS
 
     def _inputs(self, key: GraphKey) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        s, m = key.size, self.max_rows
+        s = key.size
+        ids_at, positions_at, slots_at = self._at64[:3]
+        cu_at, lens_at, decode_lens_at, tiles_at = self._at32[:4]
         tiles = None
         if key.mixed:
             n = self._num_tiles(s)
-            start = 3 * m + 1
-            tiles = self.int32[start:start + 2 * n].view(2, n)
+            tiles = self.int32[tiles_at:tiles_at + 2 * n].view(2, n)
         meta = AttentionMetadata(
-            slot_mapping=self.int64[2 * m:2 * m + s], query_start_loc=self.int32[:s + 1],
-            seq_lens=self.int32[m + 1:m + 1 + s], block_tables=self.block_tables[:s],
-            decode_seq_lens=self.int32[2 * m + 1:2 * m + 1 + s], prefill_tiles=tiles, num_decodes=s)
-        return self.int64[:s], self.int64[m:m + s], meta
+            slot_mapping=self.int64[slots_at:slots_at + s], query_start_loc=self.int32[cu_at:cu_at + s + 1],
+            seq_lens=self.int32[lens_at:lens_at + s], block_tables=self.block_tables[:s],
+            decode_seq_lens=self.int32[decode_lens_at:decode_lens_at + s], prefill_tiles=tiles, num_decodes=s)
+        return self.int64[ids_at:ids_at + s], self.int64[positions_at:positions_at + s], meta
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -100,11 +105,11 @@ class StepGraphs:
 
     def _reset_padding(self) -> None:
         """Inputs that make every row padding: no KV written, no context read, no prefill tile."""
-        m = self.max_rows
+        slots_at, tiles_at = self._at64[2], self._at32[3]
         self.int64.zero_()
-        self.int64[2 * m:3 * m] = -1
+        self.int64[slots_at:slots_at + self.max_rows] = -1
         self.int32.zero_()
-        self.int32[3 * m + 1:3 * m + 1 + 2 * self.max_tiles] = -1
+        self.int32[tiles_at:tiles_at + 2 * self.max_tiles] = -1
 
     def pick(self, step: StepArrays) -> GraphKey | None:
         """The graph that can run `step`, or None (eager)."""
@@ -118,9 +123,8 @@ class StepGraphs:
         size = next((s for s in self.mixed_sizes if s >= step.num_tokens), None)
         return GraphKey(size, True) if size is not None else None
 
-    def load(self, key: GraphKey, step: StepArrays, uploader: HostUploader
-             ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """Copy `step` into the static inputs of graph `key`; its input ids, positions, metadata and logits indices."""
+    def load(self, key: GraphKey, step: StepArrays, uploader: HostUploader) -> ModelInputs:
+        """Copy `step` into the static inputs of graph `key`; the inputs as views of them."""
         m, t, b, nd = self.max_rows, step.num_tokens, step.num_requests, step.num_decodes
         slots = np.full(m, -1, dtype=np.int64)
         slots[:t] = step.slot_mapping
@@ -130,14 +134,16 @@ class StepGraphs:
         if key.mixed:
             tiles[:2 * self._num_tiles(key.size)] = prefill_tile_map(
                 step.query_lens[nd:], step.seq_lens[nd:], self.block_m, nd, self._num_tiles(key.size)).reshape(-1)
-        (_, _, _, logits), (_, _, _, _, tables) = uploader.upload(
-            [_pad(step.input_ids, m), _pad(step.positions, m), slots, step.logits_indices],
-            [_pad(step.query_start_loc, m + 1), _pad(step.seq_lens, m), decode_lens, tiles, step.block_tables],
+        int64 = [_pad(step.input_ids, m), _pad(step.positions, m), slots, step.logits_indices]
+        if step.feed_rows.size:
+            int64 += [step.feed_rows, step.feed_sources]
+        (_, _, _, logits, *feed), (_, _, _, _, tables) = uploader.upload(
+            int64, [_pad(step.query_start_loc, m + 1), _pad(step.seq_lens, m), decode_lens, tiles, step.block_tables],
             into=(self.int64, self.int32))
         self.block_tables[:b, :tables.shape[1]].copy_(tables)
         ids, positions, meta = self._inputs(key)
         meta.num_decodes = nd
-        return ids, positions, meta, logits
+        return ModelInputs(ids, positions, meta, logits, tuple(feed) if feed else None)
 
     def replay(self, key: GraphKey, num_tokens: int) -> torch.Tensor:
         """Hidden states `[T, H]` of the step last loaded for graph `key`."""

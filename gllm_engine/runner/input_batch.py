@@ -3,17 +3,23 @@
 The engine sends a sequence's prompt and sampling parameters once, then per step only what
 changed: tokens appended since last time, and the block table when it changed. Each rank keeps
 a `SeqState` mirror per sequence and rebuilds the model inputs from it, so ranks in other
-processes never see the scheduler's objects.
+processes never see the scheduler's objects. With async scheduling a decode's input token may
+still be pending (sampled by the step before, not yet on the host): the mirror holds
+`PENDING_TOKEN` there until that step's samples arrive, and the runner feeds the token on the device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from gllm_engine.layers.attention import AttentionMetadata
 from gllm_engine.sampling_params import SamplingParams
+
+PENDING_TOKEN = -1  # a mirror's placeholder for a token the previous step is sampling
 
 
 @dataclass
@@ -79,11 +85,28 @@ class InputBatch:
                                                        d.params, [])
             else:  # a sequence's tokens only ever grow, preemption included
                 state.token_ids.extend(d.new_token_ids)
+            missing = d.num_computed_tokens + d.num_new_tokens - len(state.token_ids)
+            if missing > 0:
+                state.token_ids.extend([PENDING_TOKEN] * missing)
             if d.block_ids is not None:
                 state.block_ids = d.block_ids
                 state.block_array = np.asarray(d.block_ids, dtype=np.int32)
             states.append(state)
         return states
+
+
+ALIGN_BYTES = 16  # Triton compiles a kernel variant per pointer alignment: every packed array starts aligned
+
+
+def pack_layout(sizes: list[int], itemsize: int) -> tuple[list[int], int]:
+    """Element offsets of arrays of `sizes` packed in order, each starting `ALIGN_BYTES`-aligned, and the
+    total length; so a step's index arrays never give a kernel a pointer of a new alignment."""
+    unit = ALIGN_BYTES // itemsize
+    offsets, end = [], 0
+    for n in sizes:
+        offsets.append(end)
+        end += -(-n // unit) * unit
+    return offsets, end
 
 
 class HostUploader:
@@ -104,13 +127,11 @@ class HostUploader:
         """Device tensors with the arrays' shapes: int64 ones, then int32 ones.
 
         With `into` (a flat int64 and a flat int32 device tensor, e.g. a CUDA graph's static inputs), the
-        arrays are copied to their starts, packed in order, and the views are of those tensors.
+        arrays are copied into them as `pack_layout` places them, and the views are of those tensors.
         """
         if self.device.type != "cuda":
-            if into is not None:
-                return (_copy_into(into[0], np.int64, int64_arrays), _copy_into(into[1], np.int32, int32_arrays))
-            return ([torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in int64_arrays],
-                    [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)) for a in int32_arrays])
+            return (_pack_on_cpu(int64_arrays, torch.int64, into[0] if into else None),
+                    _pack_on_cpu(int32_arrays, torch.int32, into[1] if into else None))
         turn, self._turn = self._turn, 1 - self._turn
         if self._events[turn] is not None:
             self._events[turn].synchronize()
@@ -122,38 +143,35 @@ class HostUploader:
 
     def _copy(self, turn: int, dtype: torch.dtype, arrays: list[np.ndarray],
               into: torch.Tensor | None) -> list[torch.Tensor]:
-        total = sum(a.size for a in arrays)
+        offsets, total = pack_layout([a.size for a in arrays], dtype.itemsize)
         buf = self._sets[turn].get(dtype)
         if buf is None or buf.numel() < total:
             buf = self._sets[turn][dtype] = torch.empty(max(total, 2 * (buf.numel() if buf is not None else 4096)),
                                                         dtype=dtype, pin_memory=True)
         host = buf.numpy()
-        offset = 0
-        for a in arrays:
+        for a, offset in zip(arrays, offsets):
             host[offset:offset + a.size] = a.reshape(-1)
-            offset += a.size
         if into is None:
             device_buf = buf[:total].to(self.device, non_blocking=True)
         else:
             device_buf = into
             device_buf[:total].copy_(buf[:total], non_blocking=True)
-        return _views(device_buf, arrays)
+        return _views(device_buf, arrays, offsets)
 
 
-def _copy_into(dest: torch.Tensor, np_dtype: type, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-    """CPU: `arrays` packed at the start of `dest`, as views of it."""
-    packed = np.concatenate([np.asarray(a, dtype=np_dtype).reshape(-1) for a in arrays])
-    dest[:packed.size].copy_(torch.from_numpy(packed))
-    return _views(dest, arrays)
+def _pack_on_cpu(arrays: list[np.ndarray], dtype: torch.dtype, into: torch.Tensor | None) -> list[torch.Tensor]:
+    """CPU: `arrays` as `pack_layout` places them, in `into` or a new tensor, as views of it."""
+    offsets, total = pack_layout([a.size for a in arrays], dtype.itemsize)
+    flat = into if into is not None else torch.empty(total, dtype=dtype)
+    host = flat.numpy()
+    for a, offset in zip(arrays, offsets):
+        host[offset:offset + a.size] = np.asarray(a).reshape(-1)
+    return _views(flat, arrays, offsets)
 
 
-def _views(flat: torch.Tensor, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-    """Views of `flat` with the arrays' shapes, packed in order from its start."""
-    views, offset = [], 0
-    for a in arrays:
-        views.append(flat[offset:offset + a.size].view(a.shape))
-        offset += a.size
-    return views
+def _views(flat: torch.Tensor, arrays: list[np.ndarray], offsets: list[int]) -> list[torch.Tensor]:
+    """Views of `flat` with the arrays' shapes, at `offsets`."""
+    return [flat[offset:offset + a.size].view(a.shape) for a, offset in zip(arrays, offsets)]
 
 
 @dataclass
@@ -169,6 +187,9 @@ class StepArrays:
     seq_lens: np.ndarray  # [B] int32
     block_tables: np.ndarray  # [B, W] int32
     num_decodes: int
+    # Decode rows whose input token is pending, and each one's row in the previous step's samples.
+    feed_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    feed_sources: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def num_tokens(self) -> int:
@@ -177,3 +198,13 @@ class StepArrays:
     @property
     def num_requests(self) -> int:
         return len(self.seq_lens)
+
+
+class ModelInputs(NamedTuple):
+    """A step's inputs on the device."""
+
+    input_ids: torch.Tensor  # [T] int64 (pending tokens still to be fed)
+    positions: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [S] int64
+    feed: tuple[torch.Tensor, torch.Tensor] | None  # StepArrays.feed_rows, feed_sources; None without any

@@ -21,7 +21,15 @@ from gllm_engine.layers.parallel import ALL_EXPERTS, SINGLE, WHOLE_MODEL, EPLayo
 from gllm_engine.loader.weights import load_model_weights
 from gllm_engine.models.registry import get_model_class
 from gllm_engine.runner.cuda_graph import MAX_GRAPH_TOKENS, StepGraphs
-from gllm_engine.runner.input_batch import HostUploader, InputBatch, SeqState, StepArrays, StepPlan
+from gllm_engine.runner.input_batch import (
+    PENDING_TOKEN,
+    HostUploader,
+    InputBatch,
+    ModelInputs,
+    SeqState,
+    StepArrays,
+    StepPlan,
+)
 from gllm_engine.runner.sampler import PendingSample, SamplingBatch, sample
 
 logger = logging.getLogger(__name__)
@@ -74,6 +82,9 @@ class ModelRunner:
         self.uploader = HostUploader(self.device)
         self.generators: dict[int, torch.Generator] = {}
         self.graphs: StepGraphs | None = None
+        # The last step's sampled tokens (on the device) and each sequence's row in them: the next
+        # step's pending input tokens.
+        self.last_samples: tuple[torch.Tensor, dict[int, int]] | None = None
 
     def initialize_cache(self, num_blocks: int) -> None:
         """Allocate `num_blocks` KV blocks for every local layer, then capture CUDA graphs if enabled."""
@@ -186,25 +197,41 @@ class ModelRunner:
         slots = tables[rows, pos // bs].astype(np.int64) * bs + pos % bs
         cu = np.zeros(n + 1, dtype=np.int32)
         cu[1:] = ends
-        return StepArrays(
-            input_ids=np.asarray(ids, dtype=np.int64), positions=pos, slot_mapping=slots,
+        input_ids = np.asarray(ids, dtype=np.int64)
+        step = StepArrays(
+            input_ids=input_ids, positions=pos, slot_mapping=slots,
             logits_indices=ends[np.fromiter((d.samples for d in plan.seqs), dtype=bool, count=n)] - 1,
             query_start_loc=cu, query_lens=q_lens.astype(np.int32), seq_lens=(starts + q_lens).astype(np.int32),
             block_tables=tables, num_decodes=plan.num_decodes)
+        feed = np.flatnonzero(input_ids[:plan.num_decodes] == PENDING_TOKEN)  # only a decode's input can be pending
+        if feed.size:
+            step.feed_rows, step.feed_sources = feed, self._feed_sources(plan, feed)
+            input_ids[feed] = 0
+        return step
 
-    def prepare_inputs(self, step: StepArrays
-                       ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """Input ids, positions, attention metadata and the indices of the tokens whose logits are sampled (eager)."""
+    def _feed_sources(self, plan: StepPlan, rows: np.ndarray) -> np.ndarray:
+        """Rows in the last step's samples of the sequences at `rows`, whose input tokens are pending."""
+        sample_rows = self.last_samples[1] if self.last_samples is not None else {}
+        try:
+            return np.fromiter((sample_rows[plan.seqs[r].seq_id] for r in rows), dtype=np.int64, count=len(rows))
+        except KeyError as e:
+            raise RuntimeError(f"sequence {e.args[0]} has a pending input token the last step did not sample") from None
+
+    def prepare_inputs(self, step: StepArrays) -> ModelInputs:
+        """The step's inputs on the device (eager)."""
         nd, n = step.num_decodes, step.num_requests
         int32 = [step.query_start_loc, step.seq_lens, step.block_tables]
         if nd < n:
             int32.append(prefill_tile_map(step.query_lens[nd:], step.seq_lens[nd:], self.prefill_block_m, nd))
-        (input_ids, positions, slots, logits), (cu, seq_lens, tables, *tiles) = self.uploader.upload(
-            [step.input_ids, step.positions, step.slot_mapping, step.logits_indices], int32)
+        int64 = [step.input_ids, step.positions, step.slot_mapping, step.logits_indices]
+        if step.feed_rows.size:
+            int64 += [step.feed_rows, step.feed_sources]
+        (input_ids, positions, slots, logits, *feed), (cu, seq_lens, tables, *tiles) = self.uploader.upload(
+            int64, int32)
         meta = AttentionMetadata(
             slot_mapping=slots, query_start_loc=cu, seq_lens=seq_lens, block_tables=tables,
             decode_seq_lens=seq_lens[:nd], prefill_tiles=tiles[0] if tiles else None, num_decodes=nd)
-        return input_ids, positions, meta, logits
+        return ModelInputs(input_ids, positions, meta, logits, tuple(feed) if feed else None)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, intermediate: Intermediate | None = None
@@ -221,26 +248,36 @@ class ModelRunner:
             states = self.input_batch.apply(plan)
             step = self.step_arrays(plan, states)
             graph = self.graphs.pick(step) if self.graphs is not None else None
-            if graph is not None:
-                input_ids, positions, meta, logits_idx = self.graphs.load(graph, step, self.uploader)
-            else:
-                input_ids, positions, meta, logits_idx = self.prepare_inputs(step)
+            inputs = (self.graphs.load(graph, step, self.uploader) if graph is not None
+                      else self.prepare_inputs(step))
+            if inputs.feed is not None:
+                rows, sources = inputs.feed
+                inputs.input_ids.index_copy_(0, rows, self.last_samples[0].index_select(0, sources))
         with record_function("forward"):
             if graph is not None:
                 hidden = self.graphs.replay(graph, step.num_tokens)
             else:
-                hidden = self.model(input_ids, positions, meta, intermediate)
+                hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, intermediate)
             if not self.layout.stage.is_last:
                 return hidden
-            if logits_idx.numel() == 0:
+            if step.logits_indices.size == 0:
+                self.last_samples = None
                 return PendingSample(torch.empty(0, dtype=torch.int64)) if self.layout.samples else None
-            logits = self.model.compute_logits(hidden[logits_idx])  # every TP rank joins the gather
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # every TP rank joins the gather
         if not self.layout.samples:
             return None
         with record_function("sample"):
-            sampled = [st for d, st in zip(plan.seqs, states) if d.samples]
-            batch = SamplingBatch.build(sampled, self.device, self.vocab_size, self.generators)
-            return sample(logits, batch)
+            sampled = [(d, st) for d, st in zip(plan.seqs, states) if d.samples]
+            batch = SamplingBatch.build([st for _, st in sampled], self.device, self.vocab_size, self.generators)
+            result = sample(logits, batch)
+            result.positions = [(st, d.num_computed_tokens + d.num_new_tokens) for d, st in sampled]
+            result.start_copy()
+            self.last_samples = (result.tokens, {d.seq_id: row for row, (d, _) in enumerate(sampled)})
+            return result
+
+    def reset(self) -> None:
+        """Forget the last step's samples: the steps after it were rolled back."""
+        self.last_samples = None
 
 
 def _single_sequence_metadata(num_tokens: int, num_blocks: int, block_m: int, device: torch.device

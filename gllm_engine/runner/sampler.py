@@ -6,7 +6,7 @@ per row, so a seeded request's draws depend only on its own generator, never on 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -90,17 +90,40 @@ class PendingSample:
     """A step's sampled tokens while they are still on the device; `to_host` waits for them.
 
     Returning this instead of host lists lets the engine schedule and launch the next step before
-    the GPU has finished this one.
+    the GPU has finished this one. On a GPU, `start_copy` queues the copy to pinned host memory
+    right behind the sampling kernels, so `to_host` waits for this step only, not for steps
+    launched after it.
     """
 
     tokens: torch.Tensor  # [N] int64
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # chosen, rank, top ids, top
+    # Per row: the rank's mirror of the sequence and the token's position in it, to fill in a placeholder
+    # that a later step already holds there.
+    positions: list[tuple[SeqState, int]] = field(default_factory=list)
+    _host: list[torch.Tensor] | None = None
+    _copied: torch.cuda.Event | None = None
+
+    def start_copy(self) -> None:
+        if self.tokens.device.type != "cuda":
+            return
+        self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                      for t in (self.tokens, *(self.logprobs or ()))]
+        self._copied = torch.cuda.Event()
+        self._copied.record()
 
     def to_host(self) -> SamplerOutput:
-        token_list = self.tokens.tolist()
-        if self.logprobs is None:
+        if self._copied is not None:
+            self._copied.synchronize()
+            tokens, *logprobs = self._host
+        else:
+            tokens, *logprobs = (self.tokens, *(self.logprobs or ()))
+        token_list = tokens.tolist()
+        for (state, pos), token in zip(self.positions, token_list):
+            if pos < len(state.token_ids):
+                state.token_ids[pos] = token
+        if not logprobs:
             return SamplerOutput(token_list)
-        chosen, ranks, top_ids, top_vals = (t.tolist() for t in self.logprobs)
+        chosen, ranks, top_ids, top_vals = (t.tolist() for t in logprobs)
         return SamplerOutput(token_list, list(zip(chosen, ranks, top_ids, top_vals)))
 
 

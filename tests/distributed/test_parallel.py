@@ -80,7 +80,8 @@ def test_a_killed_rank_is_reported_and_everything_stops(tmp_path, tp, pp):
 
 
 def test_one_rank_builds_none_of_the_parallel_machinery(tmp_path, monkeypatch):
-    """tp=1, pp=1: no process group, no spawned rank, no collective, no micro-batch pipelining."""
+    """tp=1, pp=1: no process group, no spawned rank, no collective, no micro-batch pipelining (only the
+    async-scheduling step ahead)."""
     path = make_tiny_model_dir("LlamaForCausalLM", tmp_path, with_tokenizer=False)
     calls = []
     for name in ("init_process_group", "all_reduce", "all_gather", "isend", "recv"):
@@ -88,5 +89,5 @@ def test_one_rank_builds_none_of_the_parallel_machinery(tmp_path, monkeypatch):
     llm = engine(path, tensor_parallel_size=1, pipeline_parallel_size=1)
     greedy_tokens(llm)
     assert type(llm.engine.executor).__name__ == "UniprocExecutor"
-    assert llm.engine.max_in_flight == 1 and llm.engine.config.scheduler.schedule_method == "chunked_prefill"
+    assert llm.engine.max_in_flight == 2 and llm.engine.config.scheduler.schedule_method == "chunked_prefill"
     assert calls == [] and not torch.distributed.is_initialized()

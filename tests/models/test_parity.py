@@ -66,9 +66,9 @@ def test_logits_match_transformers(tiny):
     for chunk in (10, len(prompt) - 10):
         plan = encoder.encode(SchedulerOutput([ScheduledSeq(seq, chunk)], num_decodes=0))
         step = runner.step_arrays(plan, runner.input_batch.apply(plan))
-        input_ids, positions, meta, _ = runner.prepare_inputs(step)
+        inputs = runner.prepare_inputs(step)
         with torch.no_grad():
-            logits.append(runner.model.compute_logits(runner.model(input_ids, positions, meta)))
+            logits.append(runner.model.compute_logits(runner.model(inputs.input_ids, inputs.positions, inputs.meta)))
         seq.num_computed_tokens += chunk
     ours = torch.cat(logits)
     with torch.no_grad():

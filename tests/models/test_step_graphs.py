@@ -48,24 +48,34 @@ def test_padded_graph_inputs_give_the_eager_hidden_states(model_dir):
     eager_inputs = runner.prepare_inputs
     checked: Counter = Counter()
 
+    def fed(inputs):
+        """The input ids with the pending tokens fed, as the runner does after preparing."""
+        ids = inputs.input_ids.clone()
+        if inputs.feed is not None:
+            rows, sources = inputs.feed
+            ids[rows] = runner.last_samples[0][sources]
+            checked["fed"] += 1
+        return ids
+
     def prepare_and_check(step):
         inputs = eager_inputs(step)
         key = graphs.pick(step)
         if key is not None:
-            ids, positions, meta, logits_idx = graphs.load(key, step, runner.uploader)
-            assert ids.shape[0] == key.size >= step.num_tokens
-            # Both runs store the same k/v in the same slots (padded tokens store nothing).
-            expected = runner.model(*inputs[:3])
-            got = runner.model(ids, positions, meta)[:step.num_tokens]
+            padded = graphs.load(key, step, runner.uploader)
+            assert padded.input_ids.shape[0] == key.size >= step.num_tokens
+            # Both runs store the same k/v in the same slots (padded tokens store nothing); the runner
+            # then stores the real step's again.
+            expected = runner.model(fed(inputs), inputs.positions, inputs.meta)
+            got = runner.model(fed(padded), padded.positions, padded.meta)[:step.num_tokens]
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-            assert torch.equal(logits_idx, inputs[3])
+            assert torch.equal(padded.logits_indices, inputs.logits_indices)
             checked[key.mixed] += 1
         return inputs
-
     runner.prepare_inputs = prepare_and_check
     outs = llm.generate(staggered_prompts(llm.engine.config.model.hf_config.vocab_size), PARAMS)
     assert all(len(o.outputs[0].token_ids) == PARAMS.max_tokens for o in outs)
-    assert checked[True] >= 3 and checked[False] >= 3, checked  # mixed and decode-only graphs both chosen
+    # Mixed and decode-only graphs both chosen, with pending input tokens (async scheduling).
+    assert checked[True] >= 3 and checked[False] >= 3 and checked["fed"] >= 3, checked
 
 
 def test_pick_falls_back_to_eager_when_a_step_does_not_fit(model_dir):

@@ -23,9 +23,9 @@ def make_seq(tokens: list[int], rid: str = "r", n: int = 1, cache_salt: str | No
 
 def step(sched: Scheduler, token: int = 99):
     plan = sched.schedule()
-    sched.update(plan)
     for s in plan.scheduled:
         if s.samples:
+            s.seq.num_pending -= 1
             s.seq.token_ids.append(token)
     return plan
 

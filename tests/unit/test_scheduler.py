@@ -25,9 +25,9 @@ def make_seq(prompt_len: int, rid: str = "r"):
 def run_step(sched: Scheduler, token: int = 7):
     """Schedule, pretend to run, append one sampled token to every sequence that samples."""
     plan = sched.schedule()
-    sched.update(plan)
     for s in plan.scheduled:
         if s.samples:
+            s.seq.num_pending -= 1
             s.seq.token_ids.append(token)
     return plan
 
@@ -126,3 +126,67 @@ def test_block_pool_accounting():
     pool.check_integrity()
     with pytest.raises(RuntimeError, match="already free"):
         pool.release([ids[0]])
+
+
+def test_a_planned_step_is_credited_at_once_and_its_sample_is_pending():
+    sched = make_scheduler(max_num_batched_tokens=8)
+    seq = make_seq(12)
+    sched.add(seq)
+    first = sched.schedule()
+    assert (first.scheduled[0].start, seq.num_computed_tokens, seq.num_pending) == (0, 8, 0)
+    second = sched.schedule()  # the next chunk can be planned while the first runs
+    assert (second.scheduled[0].start, second.scheduled[0].num_new_tokens, second.scheduled[0].samples) == (8, 4, True)
+    assert seq.num_pending == 1
+    assert sched.schedule().is_empty  # without async decodes, the pending token waits for the engine
+
+
+def test_async_decodes_take_one_pending_token_at_a_time():
+    cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=1024)
+    sched = Scheduler(cfg, KVCacheManager(64, 4), decode_pending=True)
+    seq = make_seq(6)
+    penalised = Request.create("p", [1, 2, 3], SamplingParams(max_tokens=100, repetition_penalty=1.2)).seqs[0]
+    sched.add(seq)
+    sched.add(penalised)
+    sched.schedule()  # both prompts
+    plan = sched.schedule()
+    # The decode of the pending token (the runner feeds it); penalties need the token on the host first.
+    assert [(s.seq, s.start, s.samples) for s in plan.scheduled] == [(seq, 6, True)]
+    assert (seq.num_pending, seq.num_computed_tokens) == (2, 7)
+    assert sched.schedule().is_empty  # never two pending tokens deep
+    seq.num_pending -= 1
+    seq.token_ids.append(40)  # the engine collected the first step
+    assert [s.seq for s in sched.schedule().scheduled] == [seq]
+
+
+def test_a_block_ending_in_a_pending_token_is_named_once_the_token_is_known():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=1024),
+                      KVCacheManager(64, 4, enable_prefix_caching=True), decode_pending=True)
+    seq = make_seq(7)  # tokens 1..7: block 0 full, block 1 holds 5, 6, 7
+    sched.add(seq)
+    sched.schedule()
+    pool = sched.kv_cache.pool
+    assert len(pool.cached) == 1
+    sched.schedule()  # computes position 7, whose token is still being sampled: block 1 stays unnamed
+    assert len(pool.cached) == 1 and seq.num_named_blocks == 1
+    seq.num_pending -= 1
+    seq.token_ids.append(99)
+    sched.schedule()
+    assert seq.num_named_blocks == 2 and pool.keys[seq.block_ids[1]][1] == (5, 6, 7, 99)
+
+
+def test_rolling_back_steps_in_flight_unnames_their_blocks_and_drops_pending_tokens():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=1024),
+                      KVCacheManager(64, 4, enable_prefix_caching=True), decode_pending=True)
+    seq = make_seq(9, "a")
+    other = Request.create("b", [50, 51, 52, 53], SamplingParams(max_tokens=100)).seqs[0]
+    sched.add(seq)
+    first = sched.schedule()
+    sched.add(other)
+    second = sched.schedule()  # seq's pending decode and other's prompt
+    assert len(sched.kv_cache.pool.cached) == 3
+    for plan in (first, second):
+        sched.rollback(plan)
+    pool = sched.kv_cache.pool
+    assert not pool.cached and pool.num_free == pool.num_blocks
+    assert [s.num_pending for s in (seq, other)] == [0, 0] and list(sched.waiting) == [other, seq]
+    pool.check_integrity()
