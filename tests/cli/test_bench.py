@@ -38,6 +38,9 @@ def check_figures(res: dict, num_requests: int) -> list[dict]:
         (res["total_input_tokens"] + res["total_output_tokens"]) / seconds)
     for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
         s = res[key]
+        if s["median"] is None:  # no gap at all: each request's tokens came in one update (a fast engine)
+            assert key == "itl_ms" and not any(r["itl_ms"] for r in ok)
+            continue
         assert s["median"] <= s["p90"] <= s["p99"], key
     assert res["e2el_ms"]["p99"] <= seconds * 1000
     ttfts, e2els = [r["ttft_ms"] for r in ok], [r["e2el_ms"] for r in ok]
