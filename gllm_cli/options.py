@@ -36,7 +36,7 @@ ENGINE_OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                                       rich_help_panel=PANEL)], 0.9, "gpu_memory_utilization"),
     "cpu_kv_cache_gib": (Annotated[float, typer.Option(help="KV-cache budget on the CPU, GiB.", rich_help_panel=PANEL)],
                          4.0, "cpu_kv_cache_gib"),
-    "max_num_seqs": (Annotated[int | None, typer.Option(help="Sequences per step at most (default: 512 on a GPU, "
+    "max_num_seqs": (Annotated[int | None, typer.Option(help="Sequences per step at most (default: 1024 on a GPU, "
                                                              "256 elsewhere).", rich_help_panel=PANEL)], None,
                      "max_num_seqs"),
     "max_num_batched_tokens": (Annotated[int | None, typer.Option(help="Token budget per step.",

@@ -21,9 +21,10 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 # Default KV-cache budget on the CPU, in GiB (the CPU has no memory profiling pass).
 DEFAULT_CPU_KV_CACHE_GIB = 4.0
 # Sequences per step when not given: a GPU step reads all the weights once whatever its batch, so more
-# sequences per step raise throughput (ShareGPT on an H200: +10% from 256 to 512, benchmarks/RESULTS.md).
+# sequences per step raise throughput (ShareGPT on an H200: +10% from 256 to 512, +7% more at 1,024;
+# benchmarks/RESULTS.md).
 DEFAULT_MAX_NUM_SEQS = 256
-GPU_MAX_NUM_SEQS = 512
+GPU_MAX_NUM_SEQS = 1024
 
 
 class ConfigError(ValueError):
