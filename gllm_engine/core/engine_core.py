@@ -79,11 +79,11 @@ class EngineCore:
                   if config.scheduler.schedule_method == "token_throttling" else ChunkedPrefillPolicy())
         # Async scheduling: one rank feeds a decode its input token from the previous step's samples
         # on the device, so the next step is launched before this one's tokens reach the host.
-        feeds = config.scheduler.async_scheduling and self.executor.feeds_sampled_tokens
+        feeds = self.executor.feeds_sampled_tokens
         self.scheduler = Scheduler(config.scheduler, self.kv_cache, policy, decode_pending=feeds)
         self.encoder = PlanEncoder()
         self.in_flight: deque[SchedulerOutput] = deque()  # micro-batches submitted, not yet collected
-        self.max_in_flight = pp + feeds
+        self.max_in_flight = pp + int(feeds)
         self.max_seq_len = self.scheduler.max_seq_len
         self.requests: dict[str, Request] = {}
         # DELTA outputs: per sequence, the output tokens and text characters already reported, and

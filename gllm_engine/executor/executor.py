@@ -23,14 +23,18 @@ from gllm_engine.runner.sampler import PendingSample, SamplerOutput
 class UniprocExecutor:
     """The whole model on one device in this process."""
 
-    # The runner can take a decode's input token from the previous step's samples on the device.
-    feeds_sampled_tokens = True
-
     def __init__(self, config: EngineConfig, *, show_progress: bool = True):
         self.runner = ModelRunner(config, show_progress=show_progress)
         self.num_blocks = self.runner.available_num_blocks()
         self.runner.initialize_cache(self.num_blocks)
+        # Async scheduling: the runner takes a decode's pending input token from the previous step's
+        # samples on the device.
+        self.runner.feeds_pending_tokens = config.scheduler.async_scheduling
         self._results: deque[PendingSample] = deque()
+
+    @property
+    def feeds_sampled_tokens(self) -> bool:
+        return self.runner.feeds_pending_tokens
 
     def submit(self, plan: StepPlan) -> None:
         self._results.append(self.runner.execute(plan))

@@ -148,9 +148,7 @@ class HostUploader:
         if buf is None or buf.numel() < total:
             buf = self._sets[turn][dtype] = torch.empty(max(total, 2 * (buf.numel() if buf is not None else 4096)),
                                                         dtype=dtype, pin_memory=True)
-        host = buf.numpy()
-        for a, offset in zip(arrays, offsets):
-            host[offset:offset + a.size] = a.reshape(-1)
+        _pack(buf.numpy(), arrays, offsets)
         if into is None:
             device_buf = buf[:total].to(self.device, non_blocking=True)
         else:
@@ -163,10 +161,13 @@ def _pack_on_cpu(arrays: list[np.ndarray], dtype: torch.dtype, into: torch.Tenso
     """CPU: `arrays` as `pack_layout` places them, in `into` or a new tensor, as views of it."""
     offsets, total = pack_layout([a.size for a in arrays], dtype.itemsize)
     flat = into if into is not None else torch.empty(total, dtype=dtype)
-    host = flat.numpy()
-    for a, offset in zip(arrays, offsets):
-        host[offset:offset + a.size] = np.asarray(a).reshape(-1)
+    _pack(flat.numpy(), arrays, offsets)
     return _views(flat, arrays, offsets)
+
+
+def _pack(host: np.ndarray, arrays: list[np.ndarray], offsets: list[int]) -> None:
+    for a, offset in zip(arrays, offsets):
+        host[offset:offset + a.size] = a.reshape(-1)
 
 
 def _views(flat: torch.Tensor, arrays: list[np.ndarray], offsets: list[int]) -> list[torch.Tensor]:

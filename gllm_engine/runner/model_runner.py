@@ -82,8 +82,10 @@ class ModelRunner:
         self.uploader = HostUploader(self.device)
         self.generators: dict[int, torch.Generator] = {}
         self.graphs: StepGraphs | None = None
-        # The last step's sampled tokens (on the device) and each sequence's row in them: the next
-        # step's pending input tokens.
+        # Set by an executor whose scheduler plans decodes of pending tokens (async scheduling): the
+        # runner then keeps the last step's sampled tokens (on the device) and each sequence's row in
+        # them, the next step's pending input tokens, and fills its mirrors in when they reach the host.
+        self.feeds_pending_tokens = False
         self.last_samples: tuple[torch.Tensor, dict[int, int]] | None = None
 
     def initialize_cache(self, num_blocks: int) -> None:
@@ -270,9 +272,10 @@ class ModelRunner:
             sampled = [(d, st) for d, st in zip(plan.seqs, states) if d.samples]
             batch = SamplingBatch.build([st for _, st in sampled], self.device, self.vocab_size, self.generators)
             result = sample(logits, batch)
-            result.positions = [(st, d.num_computed_tokens + d.num_new_tokens) for d, st in sampled]
             result.start_copy()
-            self.last_samples = (result.tokens, {d.seq_id: row for row, (d, _) in enumerate(sampled)})
+            if self.feeds_pending_tokens:
+                result.positions = [(st, d.num_computed_tokens + d.num_new_tokens) for d, st in sampled]
+                self.last_samples = (result.tokens, {d.seq_id: row for row, (d, _) in enumerate(sampled)})
             return result
 
     def reset(self) -> None:
