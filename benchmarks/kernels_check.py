@@ -164,25 +164,6 @@ def check_prefill(kn: Kernels, num_reqs: int, q_len: int, cached: int, dtype: to
                f"{flops / us / 1e6:8.1f} TFLOP/s")
 
 
-def check_write_kv(kn: Kernels, tokens: int, dtype: torch.dtype, device: torch.device) -> Row:
-    kv_size = NUM_KV_HEADS * HEAD_DIM
-    qkv = torch.randn(tokens, NUM_HEADS * HEAD_DIM + 2 * kv_size, dtype=dtype, device=device)
-    key = qkv[:, NUM_HEADS * HEAD_DIM:-kv_size].view(tokens, NUM_KV_HEADS, HEAD_DIM)
-    value = qkv[:, -kv_size:].view(tokens, NUM_KV_HEADS, HEAD_DIM)
-    num_blocks = -(-tokens // BLOCK_SIZE) + 16
-    slots = torch.randperm(num_blocks * BLOCK_SIZE, device=device)[:tokens]
-    caches = [torch.zeros(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
-              for _ in range(4)]
-    kn.attention.write_kv_cache(key, value, caches[0], caches[1], slots)
-    kn.ref.write_kv_cache(key, value, caches[2], caches[3], slots)
-    err = max(compare(caches[0], caches[2])[0], compare(caches[1], caches[3])[0])
-    ok = torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
-    us = bench_us(lambda: kn.attention.write_kv_cache(key, value, caches[0], caches[1], slots))
-    ref_us = bench_us(lambda: kn.ref.write_kv_cache(key, value, caches[2], caches[3], slots))
-    num_bytes = 4 * tokens * kv_size * qkv.element_size()
-    return Row("write_kv_cache", f"T={tokens}", err, ok, us, ref_us, gbps(num_bytes, us))
-
-
 def check_rms_norm(kn: Kernels, tokens: int, with_residual: bool, dtype: torch.dtype, device: torch.device) -> Row:
     x = torch.randn(tokens, HIDDEN, dtype=dtype, device=device)
     weight = (1 + 0.1 * torch.randn(HIDDEN, device=device)).to(dtype)
@@ -209,23 +190,35 @@ def check_silu_and_mul(kn: Kernels, tokens: int, dtype: torch.dtype, device: tor
                gbps(3 * tokens * INTERMEDIATE * x.element_size(), us))
 
 
-def check_rotary(kn: Kernels, tokens: int, dtype: torch.dtype, device: torch.device) -> Row:
+def check_rotary_write_kv(kn: Kernels, tokens: int, qk_norm: bool, dtype: torch.dtype, device: torch.device) -> Row:
     q_size, kv_size = NUM_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM
-    qkv = torch.randn(tokens, q_size + 2 * kv_size, dtype=dtype, device=device)
-    q = qkv[:, :q_size].view(tokens, NUM_HEADS, HEAD_DIM)
-    k = qkv[:, q_size:q_size + kv_size].view(tokens, NUM_KV_HEADS, HEAD_DIM)
+    qkvs = [torch.randn(tokens, q_size + 2 * kv_size, dtype=dtype, device=device)]
+    qkvs.append(qkvs[0].clone())
+
+    def views(qkv: torch.Tensor) -> list[torch.Tensor]:  # strided views into the fused buffer, as in a model
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        return [q.view(tokens, NUM_HEADS, HEAD_DIM), k.view(tokens, NUM_KV_HEADS, HEAD_DIM),
+                v.view(tokens, NUM_KV_HEADS, HEAD_DIM)]
+
     positions = torch.randint(0, MAX_POSITIONS, (tokens,), device=device)
     inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, HEAD_DIM, 2, device=device).float() / HEAD_DIM))
     freqs = torch.arange(MAX_POSITIONS, device=device).float()[:, None] * inv_freq[None, :]
-    cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [max_pos, D] float32
-    ref_q, ref_k = kn.ref.apply_rotary(q, k, positions, cache)
-    out_q, out_k = kn.rotary.apply_rotary(q, k, positions, cache)  # in place
-    err_q, ok_q = compare(out_q, ref_q)
-    err_k, ok_k = compare(out_k, ref_k)
-    us = bench_us(lambda: kn.rotary.apply_rotary(q, k, positions, cache))
-    ref_us = bench_us(lambda: kn.ref.apply_rotary(q, k, positions, cache))
-    num_bytes = 2 * tokens * (q_size + kv_size) * qkv.element_size() + tokens * HEAD_DIM * 4
-    return Row("apply_rotary", f"T={tokens}", max(err_q, err_k), ok_q and ok_k, us, ref_us, gbps(num_bytes, us))
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [max_pos, D] float32
+    num_blocks = -(-tokens // BLOCK_SIZE) + 16
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, device=device)[:tokens]
+    caches = [torch.zeros(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
+              for _ in range(4)]
+    weights = tuple((1 + 0.1 * torch.randn(HEAD_DIM, device=device)).to(dtype) for _ in range(2)) if qk_norm else None
+    args = [[*views(qkvs[i]), positions, cos_sin, caches[2 * i], caches[2 * i + 1], slots, weights, RMS_EPS]
+            for i in range(2)]
+    kn.rotary.rotary_write_kv(*args[0])  # q and k in place, k and v into the cache
+    kn.ref.rotary_write_kv(*args[1])
+    errs = [compare(got, want) for got, want in ((qkvs[0], qkvs[1]), (caches[0], caches[2]), (caches[1], caches[3]))]
+    us = bench_us(lambda: kn.rotary.rotary_write_kv(*args[0]))
+    ref_us = bench_us(lambda: kn.ref.rotary_write_kv(*args[1]))
+    num_bytes = tokens * (2 * (q_size + kv_size) + 2 * kv_size) * qkvs[0].element_size() + tokens * HEAD_DIM * 4
+    return Row("rotary_write_kv" + (" +qk_norm" if qk_norm else ""), f"T={tokens}", max(e for e, _ in errs),
+               all(ok for _, ok in errs), us, ref_us, gbps(num_bytes, us))
 
 
 def print_row(row: Row) -> None:
@@ -262,12 +255,13 @@ def main() -> None:
         cases.append((f"prefill {reqs}x{q_len}+{cached}",
                       partial(check_prefill, kn, reqs, q_len, cached, dtype, device)))
     for t in TOKEN_COUNTS[:2] if args.quick else TOKEN_COUNTS:
-        cases.append((f"write_kv T={t}", partial(check_write_kv, kn, t, dtype, device)))
         for with_residual in (False, True):
             cases.append((f"rms_norm T={t} residual={with_residual}",
                           partial(check_rms_norm, kn, t, with_residual, dtype, device)))
         cases.append((f"silu_and_mul T={t}", partial(check_silu_and_mul, kn, t, dtype, device)))
-        cases.append((f"apply_rotary T={t}", partial(check_rotary, kn, t, dtype, device)))
+        for qk_norm in (False, True):
+            cases.append((f"rotary_write_kv T={t} qk_norm={qk_norm}",
+                          partial(check_rotary_write_kv, kn, t, qk_norm, dtype, device)))
 
     print(f"{'kernel':26s} {'shape':30s} {'max |err|':>10s} {'chk':>4s} {'µs':>10s} {'ref µs':>10s} "
           f"{'speedup':>8s} throughput")

@@ -1,9 +1,10 @@
-"""Paged attention in Triton: KV-cache writes, prefill (FlashAttention-style) and decode (GQA-grouped, split-K).
+"""Paged attention in Triton: prefill (FlashAttention-style) and decode (GQA-grouped, split-K).
 
 Torch references with the same signatures and semantics: `gllm_engine.kernels.reference`. The cache
 of one layer is two `[NB, BS, Hkv, D]` tensors; context token p of request b lives in block
 `block_tables[b, p // BS]`, row `p % BS`. The kernels look up the block of every token they load, so
-any block size works, and they never load a cache row at or past `seq_lens[b]`.
+any block size works, and they never load a cache row at or past `seq_lens[b]`. The cache is written
+by `rotary.rotary_write_kv`, together with the rotation of q and k.
 
 Nothing here reads a device tensor on the host: the decode path can be captured in a CUDA graph.
 """
@@ -54,7 +55,6 @@ def decode_config(head_dim: int, dtype: torch.dtype) -> DecodeTiles:
     return DecodeTiles(16, 4, 2) if wide else DecodeTiles(32, 4, 2)
 
 
-WRITE_KV_NUM_WARPS = 4
 SPLIT_REDUCE_NUM_WARPS = 4
 
 # Split-K decode: with fewer (request, KV head) programs than SMs, each request's context is cut into
@@ -97,48 +97,6 @@ def _dot_args(dtype: torch.dtype) -> dict:
 
 
 _LOG2E = 1.4426950408889634
-
-# ---------------------------------------------------------------------------------------------------
-# KV-cache write
-
-
-@triton.jit
-def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                     stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_cb, stride_ct, stride_ch, stride_vcb, stride_vct, stride_vch,
-                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot < 0:  # a padded token
-        return
-    page, row = slot // PAGE_SIZE, slot % PAGE_SIZE
-    h = tl.arange(0, BLOCK_H)
-    d = tl.arange(0, BLOCK_D)
-    mask = (h < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]  # [BLOCK_H, BLOCK_D]
-    k = tl.load(key_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
-    v = tl.load(value_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-    tl.store(k_cache_ptr + page * stride_cb + row * stride_ct + h[:, None] * stride_ch + d[None, :], k, mask=mask)
-    tl.store(v_cache_ptr + page * stride_vcb + row * stride_vct + h[:, None] * stride_vch + d[None, :], v,
-             mask=mask)
-
-
-def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    """Store `key`/`value` `[T, Hkv, D]` at flat slots `slot_mapping` `[T]` (negative slots are skipped)."""
-    num_tokens, num_kv_heads, head_dim = key.shape
-    if num_tokens == 0:
-        return
-    assert key.stride(-1) == value.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1
-    _write_kv_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
-        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=WRITE_KV_NUM_WARPS)
-
 
 # ---------------------------------------------------------------------------------------------------
 # Shared inner step: one tile of context tokens against a tile of queries, online softmax in base 2.

@@ -133,6 +133,26 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     return rotate(q), rotate(k)
 
 
+def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor, qk_norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    eps: float = 0.0) -> torch.Tensor:
+    """What a layer does to this step's q `[T, Hq, D]`, k and v `[T, Hkv, D]` before attending.
+
+    With `qk_norm_weights` (q weight, k weight; Qwen3's per-head RMSNorm) q and k are normalized per
+    head and rounded to their dtype; then both are rotated (`apply_rotary`), in place, and k and v are
+    stored at `slot_mapping` (`write_kv_cache`). Returns q.
+    """
+    if qk_norm_weights is not None:
+        q.copy_(rms_norm(q, qk_norm_weights[0], eps)[0])
+        k.copy_(rms_norm(k, qk_norm_weights[1], eps)[0])
+    rotated_q, rotated_k = apply_rotary(q, k, positions, cos_sin_cache)
+    q.copy_(rotated_q)
+    k.copy_(rotated_k)
+    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, remote_pairs: bool = False) -> torch.Tensor:
     """Each token of `x` `[T, H]` through its top-k experts, summed with the routing weights: `[T, H]`.

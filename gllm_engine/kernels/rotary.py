@@ -1,7 +1,8 @@
-"""Neox-style rotary embedding in Triton. Reference: `reference.apply_rotary`.
+"""What a layer does to this step's q, k and v before attending, in one Triton kernel per step.
 
-Rotates q and k IN PLACE and returns the same tensors, so views into a fused qkv buffer are
-updated where they lie. One program handles every head of one token, `ROPE_BLOCK_H` heads at a time.
+Optional per-head RMSNorm of q and k (Qwen3), neox-style rotary embedding of both, in place (so views
+into a fused qkv buffer are updated where they lie), and the store of k and v into the paged cache.
+Reference: `reference.rotary_write_kv`. One program handles one token, `ROPE_BLOCK_H` heads at a time.
 """
 
 from __future__ import annotations
@@ -15,49 +16,90 @@ ROPE_NUM_WARPS = 4
 
 
 @triton.jit
-def _rotate_heads(x_ptr, stride_h, num_heads, cos, sin,
-                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Rotate `num_heads` heads of one token at `x_ptr` by (cos, sin) `[1, BLOCK_HALF]`."""
-    j = tl.arange(0, BLOCK_HALF)
-    for h0 in range(0, num_heads, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
-        mask = (h < num_heads)[:, None] & (j < HALF)[None, :]
-        ptr = x_ptr + h[:, None] * stride_h + j[None, :]  # [BLOCK_H, BLOCK_HALF] first halves
-        x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-        dtype = x_ptr.dtype.element_ty
-        tl.store(ptr, (x1 * cos - x2 * sin).to(dtype), mask=mask)
-        tl.store(ptr + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+def _norm_and_rotate(x1, x2, w_ptr, cos, sin, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                     HAS_NORM: tl.constexpr, dtype: tl.constexpr):
+    """Both halves `[BLOCK_H, BLOCK_HALF]` (float32) of some heads: RMSNorm'd if HAS_NORM, then rotated."""
+    if HAS_NORM:
+        j = tl.arange(0, BLOCK_HALF)
+        w1 = tl.load(w_ptr + j, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(w_ptr + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
+        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+        # as transformers: the normalized head is rounded before the weight, the product after it
+        x1 = ((x1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+        x2 = ((x2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+    return (x1 * cos - x2 * sin).to(dtype), (x2 * cos + x1 * sin).to(dtype)
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cache_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
-                   num_q_heads, num_k_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_HALF: tl.constexpr):
+def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                            q_norm_ptr, k_norm_ptr, eps,
+                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
+                            stride_cb, stride_ct, stride_ch, stride_vcb, stride_vct, stride_vch,
+                            NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                            BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                            HAS_NORM: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     j = tl.arange(0, BLOCK_HALF)
-    cs_mask = j < HALF
-    cos = tl.load(cache_ptr + pos * stride_cache + j, mask=cs_mask, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(cache_ptr + pos * stride_cache + HALF + j, mask=cs_mask, other=0.0).to(tl.float32)[None, :]
-    _rotate_heads(q_ptr + t * stride_qt, stride_qh, num_q_heads, cos, sin, HALF, BLOCK_H, BLOCK_HALF)
-    _rotate_heads(k_ptr + t * stride_kt, stride_kh, num_k_heads, cos, sin, HALF, BLOCK_H, BLOCK_HALF)
+    j_mask = j < HALF
+    cos = tl.load(cos_sin_ptr + pos * stride_cos + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cos_sin_ptr + pos * stride_cos + HALF + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+    dtype = q_ptr.dtype.element_ty
+
+    for h0 in range(0, NUM_Q_HEADS, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        mask = (h < NUM_Q_HEADS)[:, None] & j_mask[None, :]
+        ptr = q_ptr + t * stride_qt + h[:, None] * stride_qh + j[None, :]  # [BLOCK_H, BLOCK_HALF] first halves
+        y1, y2 = _norm_and_rotate(tl.load(ptr, mask=mask, other=0.0).to(tl.float32),
+                                  tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32),
+                                  q_norm_ptr, cos, sin, eps, HALF, BLOCK_HALF, HAS_NORM, dtype)
+        tl.store(ptr, y1, mask=mask)
+        tl.store(ptr + HALF, y2, mask=mask)
+
+    slot = tl.load(slot_ptr + t).to(tl.int64)  # negative: a padded token, nothing stored
+    page, row = tl.maximum(slot, 0) // PAGE_SIZE, tl.maximum(slot, 0) % PAGE_SIZE
+    stored_heads = tl.where(slot >= 0, NUM_KV_HEADS, 0)
+    for h0 in range(0, NUM_KV_HEADS, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        mask = (h < NUM_KV_HEADS)[:, None] & j_mask[None, :]
+        cache_mask = (h < stored_heads)[:, None] & j_mask[None, :]
+        ptr = k_ptr + t * stride_kt + h[:, None] * stride_kh + j[None, :]
+        y1, y2 = _norm_and_rotate(tl.load(ptr, mask=mask, other=0.0).to(tl.float32),
+                                  tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32),
+                                  k_norm_ptr, cos, sin, eps, HALF, BLOCK_HALF, HAS_NORM, dtype)
+        tl.store(ptr, y1, mask=mask)
+        tl.store(ptr + HALF, y2, mask=mask)
+        cache = k_cache_ptr + page * stride_cb + row * stride_ct + h[:, None] * stride_ch + j[None, :]
+        tl.store(cache, y1, mask=cache_mask)
+        tl.store(cache + HALF, y2, mask=cache_mask)
+        src = v_ptr + t * stride_vt + h[:, None] * stride_vh + j[None, :]
+        dst = v_cache_ptr + page * stride_vcb + row * stride_vct + h[:, None] * stride_vch + j[None, :]
+        tl.store(dst, tl.load(src, mask=cache_mask), mask=cache_mask)
+        tl.store(dst + HALF, tl.load(src + HALF, mask=cache_mask), mask=cache_mask)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q `[T, Hq, D]` and k `[T, Hkv, D]` in place at `positions` `[T]`; returns `(q, k)`.
+def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor, qk_norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    eps: float = 0.0) -> torch.Tensor:
+    """Normalize (with `qk_norm_weights`) and rotate q `[T, Hq, D]` and k `[T, Hkv, D]` in place at
+    `positions`, and store k and v in `[NB, BS, Hkv, D]` caches at `slot_mapping` (negative: skipped).
 
-    `cos_sin_cache` is `[max_pos, D]`: cos in the first D/2 columns, sin in the last D/2.
+    `cos_sin_cache` is `[max_pos, D]`: cos in the first D/2 columns, sin in the last D/2. Returns q.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     if num_tokens == 0:
-        return q, k
-    assert q.stride(-1) == k.stride(-1) == cos_sin_cache.stride(-1) == 1
-    assert cos_sin_cache.shape[-1] == head_dim == k.shape[-1]
+        return q
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == cos_sin_cache.stride(-1) == 1
+    assert k_cache.stride(-1) == v_cache.stride(-1) == 1
+    assert cos_sin_cache.shape[-1] == head_dim == k.shape[-1] and head_dim % 2 == 0
+    q_weight, k_weight = qk_norm_weights if qk_norm_weights is not None else (q, q)  # unused without the norm
     half = head_dim // 2
-    _rotary_kernel[(num_tokens,)](
-        q, k, positions, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
-        num_q_heads, k.shape[1], HALF=half, BLOCK_H=ROPE_BLOCK_H, BLOCK_HALF=triton.next_power_of_2(half),
+    _rotary_write_kv_kernel[(num_tokens,)](
+        q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, q_weight, k_weight, eps,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=k.shape[1], HALF=half, BLOCK_H=ROPE_BLOCK_H,
+        BLOCK_HALF=triton.next_power_of_2(half), PAGE_SIZE=k_cache.shape[1], HAS_NORM=qk_norm_weights is not None,
         num_warps=ROPE_NUM_WARPS)
-    return q, k
+    return q

@@ -8,7 +8,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from gllm_engine.layers.norm import RMSNorm
 from gllm_engine.layers.ops import REFERENCE_OPS, KernelOps
+from gllm_engine.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -51,23 +53,29 @@ def prefill_tile_map(query_lens: np.ndarray, seq_lens: np.ndarray, block_m: int,
 
 
 class Attention(nn.Module):
-    """Stores this step's k/v in the layer's cache blocks, then attends over each request's context."""
+    """Rotates this step's q and k, stores k/v in the layer's cache blocks, then attends over each request's context."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary: RotaryEmbedding,
                  ops: KernelOps = REFERENCE_OPS):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
+        self.rotary = rotary
         self.ops = ops
         # Bound by the model runner once the cache is allocated: two [NB, BS, Hkv, D] tensors.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q = q.view(-1, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata, qk_norm: tuple[RMSNorm, RMSNorm] | None = None) -> torch.Tensor:
+        """q `[T, Hq * D]`, k and v `[T, Hkv * D]` (views into a fused qkv buffer do; q and k are updated
+        in place); with `qk_norm` (Qwen3) q and k are first normalized per head. Returns `[T, Hq * D]`."""
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        self.ops.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        norm_weights, eps = ((qk_norm[0].weight, qk_norm[1].weight), qk_norm[0].eps) if qk_norm else (None, 0.0)
+        self.ops.rotary_write_kv(q, k, v, positions, self.rotary.cos_sin_cache, self.k_cache, self.v_cache,
+                                 meta.slot_mapping, norm_weights, eps)
         out = torch.empty_like(q)
         rows = meta.decode_seq_lens.shape[0]
         if rows:

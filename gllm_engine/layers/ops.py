@@ -19,24 +19,22 @@ class KernelOps:
     """Callables with the signatures of `gllm_engine.kernels.reference`."""
 
     name: str
-    write_kv_cache: Callable
     paged_prefill_attention: Callable
     prefill_block_m: Callable
     paged_decode_attention: Callable
     rms_norm: Callable
     silu_and_mul: Callable
-    apply_rotary: Callable
+    rotary_write_kv: Callable
 
 
 REFERENCE_OPS = KernelOps(
     name="torch",
-    write_kv_cache=reference.write_kv_cache,
     paged_prefill_attention=reference.paged_prefill_attention,
     prefill_block_m=reference.prefill_block_m,
     paged_decode_attention=reference.paged_decode_attention,
     rms_norm=reference.rms_norm,
     silu_and_mul=reference.silu_and_mul,
-    apply_rotary=reference.apply_rotary,
+    rotary_write_kv=reference.rotary_write_kv,
 )
 
 
@@ -48,11 +46,10 @@ def select_ops(device: torch.device, use_reference_kernels: bool = False) -> Ker
 
     return KernelOps(
         name="triton",
-        write_kv_cache=attention.write_kv_cache,
         paged_prefill_attention=attention.paged_prefill_attention,
         prefill_block_m=attention.prefill_block_m,
         paged_decode_attention=attention.paged_decode_attention,
         rms_norm=norm.rms_norm,
         silu_and_mul=activation.silu_and_mul,
-        apply_rotary=rotary.apply_rotary,
+        rotary_write_kv=rotary.rotary_write_kv,
     )

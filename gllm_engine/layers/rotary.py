@@ -8,8 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from gllm_engine.layers.ops import REFERENCE_OPS, KernelOps
-
 
 def rope_parameters(hf_config: Any) -> dict:
     """The rope settings of a config, in transformers 5 form (`rope_parameters`) or the older one."""
@@ -47,14 +45,10 @@ def _inverse_frequencies(rotary_dim: int, params: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed `[max_positions, D]` cos|sin table; rotates q and k of the tokens at `positions`."""
+    """Precomputed `[max_positions, D]` cos|sin table, applied by the attention layer (`Attention`)."""
 
-    def __init__(self, head_dim: int, max_positions: int, params: dict, ops: KernelOps = REFERENCE_OPS):
+    def __init__(self, head_dim: int, max_positions: int, params: dict):
         super().__init__()
-        self.ops = ops
         inv_freq = _inverse_frequencies(head_dim, params)
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        return self.ops.apply_rotary(q, k, positions, self.cos_sin_cache)

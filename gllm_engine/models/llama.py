@@ -55,24 +55,18 @@ class DecoderAttention(nn.Module):
                                           cfg.num_key_value_heads, bias=flags.qkv_bias, tp=tp)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
-        self.head_dim = head_dim
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, cfg.hidden_size,
                                         bias=flags.o_bias, tp=tp)
         self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps, ops) if flags.qk_norm else None
         self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps, ops) if flags.qk_norm else None
-        self.rotary_emb = RotaryEmbedding(head_dim, max_positions, rope_parameters(cfg), ops)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, ops)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5,
+                              RotaryEmbedding(head_dim, max_positions, rope_parameters(cfg)), ops)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(-1, self.num_heads, self.head_dim)
-        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.num_heads, self.head_dim)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v.contiguous(), meta))
+        qk_norm = (self.q_norm, self.k_norm) if self.q_norm is not None else None
+        return self.o_proj(self.attn(positions, q, k, v, meta, qk_norm))
 
 
 class DecoderMLP(nn.Module):

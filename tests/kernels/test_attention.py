@@ -152,22 +152,3 @@ def test_decode_default_path_splits_long_contexts(device, make_paged_kv, assert_
     out = attention.paged_decode_attention(q, k_cache, v_cache, table, lens, 0.125)
     assert chosen[0] > 1
     assert_matches(out, reference.paged_decode_attention(q, k_cache, v_cache, table, lens, 0.125))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-def test_write_kv_cache_matches_reference(dtype, device):
-    num_tokens, num_kv_heads, head_dim, num_blocks = 11, 2, 80, 4
-    gen = torch.Generator().manual_seed(5)
-    qkv = torch.randn(num_tokens, (4 + 2 * num_kv_heads) * head_dim, generator=gen).to(dtype).to(device)
-    key = qkv[:, 4 * head_dim:6 * head_dim].view(num_tokens, num_kv_heads, head_dim)  # strided views, as in a model
-    value = qkv[:, 6 * head_dim:].view(num_tokens, num_kv_heads, head_dim)
-    slots = torch.randperm(num_blocks * 16, generator=gen)[:num_tokens]
-    slots[[2, 7]] = -1  # padded tokens: skipped
-    slots = slots.to(device)
-    caches = [torch.randn(num_blocks, 16, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
-              for _ in range(2)]
-    expected = [c.clone() for c in caches]
-    attention.write_kv_cache(key, value, caches[0], caches[1], slots)
-    reference.write_kv_cache(key, value, expected[0], expected[1], slots)
-    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
-    assert not torch.equal(caches[0], caches[1])

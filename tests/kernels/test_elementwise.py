@@ -60,21 +60,36 @@ def _cos_sin_cache(max_pos: int, head_dim: int, device: torch.device) -> torch.T
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)  # [max_pos, D]
 
 
-@pytest.mark.parametrize("heads", [(4, 2), (10, 1)], ids=_ids)  # 10 heads: more than one head step
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("heads", [(4, 2), (10, 1), (3, 9)], ids=_ids)  # more than one head step of q, then of k
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-def test_apply_rotary_matches_reference_in_place(dtype, head_dim, heads, device, assert_matches):
+def test_rotary_write_kv_matches_reference(dtype, head_dim, heads, qk_norm, device, assert_matches):
     num_heads, num_kv_heads = heads
-    num_tokens = 7
-    qkv = _randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, device=device, seed=6)
-    q = qkv[:, :num_heads * head_dim].view(num_tokens, num_heads, head_dim)  # strided views, as in a model
-    k = qkv[:, num_heads * head_dim:(num_heads + num_kv_heads) * head_dim].view(num_tokens, num_kv_heads, head_dim)
-    v_before = qkv[:, (num_heads + num_kv_heads) * head_dim:].clone()
+    num_tokens, num_blocks, block_size = 7, 3, 4
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = _randn(num_tokens, q_size + 2 * kv_size, dtype=dtype, device=device, seed=6) * 2
+    ref_qkv = qkv.clone()
+
+    def views(t: torch.Tensor) -> list[torch.Tensor]:  # strided views into the fused buffer, as in a model
+        q, k, v = t.split([q_size, kv_size, kv_size], dim=-1)
+        return [q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim),
+                v.view(num_tokens, num_kv_heads, head_dim)]
+
     positions = torch.tensor([0, 5, 3, 40, 41, 2, 63], device=device)
+    slots = torch.tensor([3, -1, 0, 11, 7, -1, 8], device=device)  # two padded tokens: not stored
     cache = _cos_sin_cache(64, head_dim, device)
-    ref_q, ref_k = reference.apply_rotary(q.clone(), k.clone(), positions, cache)
-    out_q, out_k = rotary.apply_rotary(q, k, positions, cache)
-    assert out_q is q and out_k is k  # rotated in place
-    assert_matches(q, ref_q)
-    assert_matches(k, ref_k)
-    assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim:], v_before)
+    weights = (_randn(head_dim, dtype=dtype, device=device, seed=7),
+               _randn(head_dim, dtype=dtype, device=device, seed=8)) if qk_norm else None
+    caches = [_randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device, seed=9 + i)
+              for i in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    v_before = views(qkv)[2].clone()
+    out = rotary.rotary_write_kv(*views(qkv), positions, cache, *caches, slots, weights, 1e-6)
+    expected = reference.rotary_write_kv(*views(ref_qkv), positions, cache, *ref_caches, slots, weights, 1e-6)
+    assert out.data_ptr() == views(qkv)[0].data_ptr()  # q rotated in place
+    assert_matches(out, expected)
+    assert_matches(qkv, ref_qkv)  # k rotated in place too, v untouched
+    assert torch.equal(views(qkv)[2], v_before)
+    for got, want in zip(caches, ref_caches):
+        assert_matches(got, want)
