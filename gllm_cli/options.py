@@ -42,8 +42,12 @@ ENGINE_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "max_num_batched_tokens": (Annotated[int | None, typer.Option(help="Token budget per step.",
                                                                   rich_help_panel=PANEL)], None,
                                "max_num_batched_tokens"),
-    "block_size": (Annotated[int, typer.Option(help="KV-cache block size in tokens.", rich_help_panel=PANEL)], 16,
+    "block_size": (Annotated[int | None, typer.Option(help="KV-cache block size in tokens (default: 16; 256 with "
+                                                          "flash-attn).", rich_help_panel=PANEL)], None,
                    "block_size"),
+    "attention_backend": (Annotated[str, typer.Option(help="Paged attention: auto (flash-attn where it is installed, "
+                                                           "on a GPU in 16-bit), triton or flash-attn.",
+                                                      rich_help_panel=PANEL)], "auto", "attention_backend"),
     "enable_prefix_caching": (Annotated[bool, typer.Option("--enable-prefix-caching/--no-enable-prefix-caching",
                                                            help="Reuse cached KV blocks of shared prefixes.",
                                                            rich_help_panel=PANEL)], True, "enable_prefix_caching"),

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from gllm_engine.kernels import flash
 from gllm_engine.loader.model_files import ModelFiles, resolve_model_files
 
 _DTYPES = {
@@ -18,6 +19,8 @@ _DTYPES = {
     "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
 }
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+ATTENTION_BACKENDS = ("auto", "triton", "flash-attn")
+DEFAULT_BLOCK_SIZE = 16
 # Default KV-cache budget on the CPU, in GiB (the CPU has no memory profiling pass).
 DEFAULT_CPU_KV_CACHE_GIB = 4.0
 # Sequences per step when not given: a GPU step reads all the weights once whatever its batch, so more
@@ -57,7 +60,7 @@ class ModelConfig:
 class CacheConfig:
     """Paged KV cache: block size and how much memory it may take."""
 
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     cpu_kv_cache_gib: float = DEFAULT_CPU_KV_CACHE_GIB
@@ -125,6 +128,7 @@ class DeviceConfig:
     enforce_eager: bool = False
     # Force the pure-torch reference kernels even where Triton kernels exist (debugging aid).
     use_reference_kernels: bool = False
+    attention_backend: str = "triton"  # or "flash-attn" (resolve_attention_backend)
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,7 @@ class EngineConfig:
         dtype: str = "auto",
         device: str = "auto",
         max_model_len: int | None = None,
-        block_size: int = 16,
+        block_size: int | None = None,
         gpu_memory_utilization: float = 0.9,
         num_gpu_blocks_override: int | None = None,
         cpu_kv_cache_gib: float = DEFAULT_CPU_KV_CACHE_GIB,
@@ -154,6 +158,7 @@ class EngineConfig:
         enable_chunked_prefill: bool = True,
         enforce_eager: bool = False,
         use_reference_kernels: bool = False,
+        attention_backend: str = "auto",
         load_format: str = "auto",
         seed: int = 0,
         skip_tokenizer_init: bool = False,
@@ -173,9 +178,13 @@ class EngineConfig:
         if load_format not in LOAD_FORMATS:
             raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
         torch_device = _resolve_device(device)
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                              f"got {attention_backend!r}")
         if max_num_seqs is None:
             max_num_seqs = GPU_MAX_NUM_SEQS if torch_device.type == "cuda" else DEFAULT_MAX_NUM_SEQS
-        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+        for name, value in (("block_size", DEFAULT_BLOCK_SIZE if block_size is None else block_size),
+                            ("max_num_seqs", max_num_seqs),
                             ("tensor_parallel_size", tensor_parallel_size),
                             ("pipeline_parallel_size", pipeline_parallel_size),
                             ("expert_parallel_size", expert_parallel_size)):
@@ -205,6 +214,9 @@ class EngineConfig:
         _check_parallel_fit(hf_config, tensor_parallel_size, pipeline_parallel_size, pp_layer_split)
         _check_expert_parallel_fit(hf_config, tensor_parallel_size, expert_parallel_size)
         torch_dtype = _resolve_dtype(dtype, hf_config, torch_device)
+        attention_backend = resolve_attention_backend(attention_backend, torch_device, torch_dtype,
+                                                      use_reference_kernels, flash.is_available())
+        block_size = _resolve_block_size(block_size, attention_backend)
 
         derived_len = _derived_max_model_len(hf_config)
         if max_model_len is None:
@@ -241,7 +253,7 @@ class EngineConfig:
                                     nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
                                     master_port=master_port, expert_parallel_size=expert_parallel_size),
             device=DeviceConfig(torch_device, enforce_eager=enforce_eager,
-                                use_reference_kernels=use_reference_kernels),
+                                use_reference_kernels=use_reference_kernels, attention_backend=attention_backend),
         )
 
 
@@ -305,6 +317,38 @@ def _resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for, but no CUDA device is available (try --device cpu)")
     return dev
+
+
+def resolve_attention_backend(requested: str, device: torch.device, dtype: torch.dtype,
+                              use_reference_kernels: bool, flash_attn_installed: bool) -> str:
+    """"triton" or "flash-attn" for `requested` ("auto": flash-attn where it can run and is installed).
+
+    flash-attn runs on CUDA in float16/bfloat16 and not with the reference kernels forced; off CUDA,
+    "triton" means the engine's own kernels, i.e. the torch references there.
+    """
+    usable = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not use_reference_kernels
+    if requested == "flash-attn":
+        if not usable:
+            raise ConfigError("attention_backend flash-attn needs a CUDA device, float16 or bfloat16 and the "
+                              f"Triton kernels (got {device.type}, {str(dtype).removeprefix('torch.')}"
+                              f"{', reference kernels' if use_reference_kernels else ''})")
+        if not flash_attn_installed:
+            raise ConfigError("attention_backend flash-attn needs the flash-attn package "
+                              "(pip install 'gllm[flash-attn]')")
+        return "flash-attn"
+    return "flash-attn" if requested == "auto" and usable and flash_attn_installed else "triton"
+
+
+def _resolve_block_size(block_size: int | None, attention_backend: str) -> int:
+    """The KV block size: given, or the backend's default (flash-attn's pages are multiples of 256 tokens)."""
+    if attention_backend != "flash-attn":
+        return DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    if block_size is None:
+        return flash.FLASH_ATTN_BLOCK_SIZE
+    if block_size % flash.FLASH_ATTN_BLOCK_SIZE:
+        raise ConfigError(f"block_size must be a multiple of {flash.FLASH_ATTN_BLOCK_SIZE} with the flash-attn "
+                          f"attention backend, got {block_size} (or choose attention_backend triton)")
+    return block_size
 
 
 def _resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device) -> torch.dtype:

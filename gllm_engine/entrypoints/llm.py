@@ -26,7 +26,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
-                 max_model_len: int | None = None, block_size: int = 16, gpu_memory_utilization: float = 0.9,
+                 max_model_len: int | None = None, block_size: int | None = None, gpu_memory_utilization: float = 0.9,
                  num_gpu_blocks_override: int | None = None, enable_prefix_caching: bool = True,
                  max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, enable_chunked_prefill: bool = True,

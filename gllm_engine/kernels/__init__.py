@@ -1,5 +1,6 @@
-"""Triton kernels, each the twin of a pure-torch reference in `reference.py`.
+"""Triton kernels, each the twin of a pure-torch reference in `reference.py`; `flash` puts the
+flash-attn package's paged attention behind the same signatures.
 
 Importing this package imports no Triton: the modules here (`attention`, `norm`, `activation`,
-`rotary`) import it themselves and are loaded only when the Triton path is chosen.
+`rotary`, `moe`) import it themselves and are loaded only when the Triton path is chosen.
 """

@@ -223,13 +223,14 @@ def prefill_block_m(head_dim: int, dtype: torch.dtype) -> int:
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                             seq_lens: torch.Tensor, tiles: torch.Tensor, scale: float,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
+                            out: torch.Tensor | None = None, *, num_decodes: int = 0) -> torch.Tensor:
     """Causal attention of the new queries `[T, Hq, D]` of the requests named in `tiles` over their cached context.
 
     Request b's queries are `q[query_start_loc[b]:query_start_loc[b+1]]`; its j-th query sits at
     position `seq_lens[b] - q_b + j` and sees cache positions up to and including it. `tiles` `[2, N]`
     int32 (`layers.attention.prefill_tile_map`, with `prefill_block_m` queries per tile) lists one
     (request, query tile) per program; request -1 marks padding. Rows of other requests are not written.
+    `num_decodes` (the leading one-query requests) is not needed here: the tile map leaves them out.
     """
     out = torch.empty_like(q) if out is None else out
     _check_attention_args(q, k_cache, v_cache, out)

@@ -33,7 +33,7 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                             seq_lens: torch.Tensor, tiles: torch.Tensor, scale: float,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
+                            out: torch.Tensor | None = None, *, num_decodes: int = 0) -> torch.Tensor:
     """Causal attention of the new queries of the requests named in `tiles` over their whole cached context.
 
     q: `[T, Hq, D]`, requests packed by `query_start_loc` `[B+1]`. Request b has q_b queries and
@@ -41,6 +41,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     position `seq_lens[b] - q_b + j` and sees cache positions up to and including it. `tiles` `[2, N]`
     is the kernel's tile map (`layers.attention.prefill_tile_map`): only its requests (row 0, -1 for
     padding) are computed, whole, whatever its tiling; rows of other requests are not written.
+    `num_decodes` is not read (the tile map leaves the decodes out); `flash.paged_prefill_attention` needs it.
     """
     out = torch.empty_like(q) if out is None else out
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]

@@ -84,5 +84,5 @@ class Attention(nn.Module):
         if meta.prefill_tiles is not None:
             self.ops.paged_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables,
                                              meta.query_start_loc, meta.seq_lens, meta.prefill_tiles,
-                                             self.scale, out=out)
+                                             self.scale, out=out, num_decodes=meta.num_decodes)
         return out.view(-1, self.num_heads * self.head_dim)

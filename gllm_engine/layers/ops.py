@@ -38,17 +38,23 @@ REFERENCE_OPS = KernelOps(
 )
 
 
-def select_ops(device: torch.device, use_reference_kernels: bool = False) -> KernelOps:
-    """Triton kernels on CUDA unless references are forced; references on every other device."""
+def select_ops(device: torch.device, use_reference_kernels: bool = False, attention_backend: str = "triton"
+               ) -> KernelOps:
+    """Triton kernels on CUDA unless references are forced; references on every other device.
+
+    With `attention_backend="flash-attn"` (`config.resolve_attention_backend` decides), the paged
+    attention comes from the flash-attn package and the rest from Triton.
+    """
     if device.type != "cuda" or use_reference_kernels:
         return REFERENCE_OPS
-    from gllm_engine.kernels import activation, attention, norm, rotary
+    from gllm_engine.kernels import activation, attention, flash, norm, rotary
 
+    flash_attn = attention_backend == "flash-attn"
     return KernelOps(
-        name="triton",
-        paged_prefill_attention=attention.paged_prefill_attention,
+        name="flash-attn" if flash_attn else "triton",
+        paged_prefill_attention=flash.paged_prefill_attention if flash_attn else attention.paged_prefill_attention,
         prefill_block_m=attention.prefill_block_m,
-        paged_decode_attention=attention.paged_decode_attention,
+        paged_decode_attention=flash.paged_decode_attention if flash_attn else attention.paged_decode_attention,
         rms_norm=norm.rms_norm,
         silu_and_mul=activation.silu_and_mul,
         rotary_write_kv=rotary.rotary_write_kv,

@@ -61,7 +61,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.pin_memory = self.device.type == "cuda"
         hf = config.model.hf_config
-        self.ops = select_ops(self.device, config.device.use_reference_kernels)
+        self.ops = select_ops(self.device, config.device.use_reference_kernels, config.device.attention_backend)
         model_cls = get_model_class(config.model.architecture)
         parallel = {"tp": self.layout.tp, "stage": self.layout.stage}
         if self.layout.ep.size > 1:  # MoE models only: the config rejects expert parallelism for the others
@@ -96,8 +96,9 @@ class ModelRunner:
         if use_graphs:
             max_blocks = -(-self.config.model.max_model_len // self.block_size)
             sched = self.config.scheduler
-            self.graphs = StepGraphs(self.model, sched.max_num_seqs,
-                                     min(MAX_GRAPH_TOKENS, sched.max_num_batched_tokens), max_blocks,
+            # flash-attn's prefill is sized by the step's decode count on the host: no mixed-step graphs
+            mixed_tokens = 0 if self.ops.name == "flash-attn" else min(MAX_GRAPH_TOKENS, sched.max_num_batched_tokens)
+            self.graphs = StepGraphs(self.model, sched.max_num_seqs, mixed_tokens, max_blocks,
                                      self.prefill_block_m, self.device)
             self.graphs.capture()
 
