@@ -134,9 +134,7 @@ class StepGraphs:
         if key.mixed:
             tiles[:2 * self._num_tiles(key.size)] = prefill_tile_map(
                 step.query_lens[nd:], step.seq_lens[nd:], self.block_m, nd, self._num_tiles(key.size)).reshape(-1)
-        int64 = [_pad(step.input_ids, m), _pad(step.positions, m), slots, step.logits_indices]
-        if step.feed_rows.size:
-            int64 += [step.feed_rows, step.feed_sources]
+        int64 = [_pad(step.input_ids, m), _pad(step.positions, m), slots, step.logits_indices, *step.feed_arrays()]
         (_, _, _, logits, *feed), (_, _, _, _, tables) = uploader.upload(
             int64, [_pad(step.query_start_loc, m + 1), _pad(step.seq_lens, m), decode_lens, tiles, step.block_tables],
             into=(self.int64, self.int32))

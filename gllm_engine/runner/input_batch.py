@@ -200,6 +200,10 @@ class StepArrays:
     def num_requests(self) -> int:
         return len(self.seq_lens)
 
+    def feed_arrays(self) -> list[np.ndarray]:
+        """`[feed_rows, feed_sources]`, uploaded after a step's other int64 arrays; [] when nothing is fed."""
+        return [self.feed_rows, self.feed_sources] if self.feed_rows.size else []
+
 
 class ModelInputs(NamedTuple):
     """A step's inputs on the device."""

@@ -226,11 +226,8 @@ class ModelRunner:
         int32 = [step.query_start_loc, step.seq_lens, step.block_tables]
         if nd < n:
             int32.append(prefill_tile_map(step.query_lens[nd:], step.seq_lens[nd:], self.prefill_block_m, nd))
-        int64 = [step.input_ids, step.positions, step.slot_mapping, step.logits_indices]
-        if step.feed_rows.size:
-            int64 += [step.feed_rows, step.feed_sources]
         (input_ids, positions, slots, logits, *feed), (cu, seq_lens, tables, *tiles) = self.uploader.upload(
-            int64, int32)
+            [step.input_ids, step.positions, step.slot_mapping, step.logits_indices, *step.feed_arrays()], int32)
         meta = AttentionMetadata(
             slot_mapping=slots, query_start_loc=cu, seq_lens=seq_lens, block_tables=tables,
             decode_seq_lens=seq_lens[:nd], prefill_tiles=tiles[0] if tiles else None, num_decodes=nd)
