@@ -42,6 +42,11 @@ DECODE_GRAPH_CASES = ((1, 4096), (32, 1024))  # (batch, context) captured in a C
 PREFILL_CASES = ((1, 128, 0), (1, 1024, 0), (1, 4096, 0), (1, 8192, 0), (8, 1024, 0), (4, 512, 3584),
                  (1, 2048, 2048))
 TOKEN_COUNTS = (1, 256, 8192)  # tokens of a step, for the per-token kernels
+VOCAB = 128256
+# (name, output features, input features) of the projections the skinny matmul serves at small batch
+LINEAR_SHAPES = (("qkv", (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM, HIDDEN), ("o", HIDDEN, NUM_HEADS * HEAD_DIM),
+                 ("gate_up", 2 * INTERMEDIATE, HIDDEN), ("down", HIDDEN, INTERMEDIATE), ("lm_head", VOCAB, HIDDEN))
+LINEAR_ROWS = (1, 16)
 ATOL = RTOL = 2e-2
 
 
@@ -63,18 +68,20 @@ class Kernels:
     norm: ModuleType
     activation: ModuleType
     rotary: ModuleType
+    linear: ModuleType
 
 
 def load_kernels() -> Kernels:
     """Import gllm_engine/kernels/*.py by path, without the engine package's own imports."""
     mods = {}
-    for name in ("reference", "attention", "norm", "activation", "rotary"):
+    for name in ("reference", "attention", "norm", "activation", "rotary", "linear"):
         spec = importlib.util.spec_from_file_location(f"gllm_kernels_{name}", KERNELS_DIR / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
         mods[name] = module
-    return Kernels(mods["reference"], mods["attention"], mods["norm"], mods["activation"], mods["rotary"])
+    return Kernels(mods["reference"], mods["attention"], mods["norm"], mods["activation"], mods["rotary"],
+                   mods["linear"])
 
 
 def bench_us(fn: Callable[[], object]) -> float:
@@ -221,6 +228,31 @@ def check_rotary_write_kv(kn: Kernels, tokens: int, qk_norm: bool, dtype: torch.
                all(ok for _, ok in errs), us, ref_us, gbps(num_bytes, us))
 
 
+def check_linear(kn: Kernels, name: str, out_features: int, in_features: int, rows: int, dtype: torch.dtype,
+                 device: torch.device) -> Row:
+    """The skinny matmul against F.linear (cuBLAS), timed in a CUDA graph of 20 calls as a decode step runs it."""
+    import torch.nn.functional as F
+
+    x = torch.randn(rows, in_features, dtype=dtype, device=device)
+    weight = torch.randn(out_features, in_features, dtype=dtype, device=device) * in_features**-0.5
+    err, ok = compare(kn.linear.skinny_linear(x, weight), F.linear(x, weight))
+    us = graph_us(lambda: kn.linear.skinny_linear(x, weight))
+    ref_us = graph_us(lambda: F.linear(x, weight))
+    return Row(f"skinny_linear {name}", f"M={rows} N={out_features} K={in_features}", err, ok, us, ref_us,
+               gbps(weight.numel() * weight.element_size(), us))
+
+
+def graph_us(fn: Callable[[], object], calls: int = 20) -> float:
+    """Mean µs of `fn` replayed from a CUDA graph of `calls` calls (no launch overhead, as in a captured step)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return bench_us(graph.replay) / calls
+
+
 def print_row(row: Row) -> None:
     speedup = row.ref_us / row.us if row.us == row.us and row.ref_us == row.ref_us else float("nan")
     print(f"{row.kernel:26s} {row.shape:30s} {row.max_err:10.2e} {'ok' if row.ok else 'FAIL':>4s} "
@@ -262,6 +294,11 @@ def main() -> None:
         for qk_norm in (False, True):
             cases.append((f"rotary_write_kv T={t} qk_norm={qk_norm}",
                           partial(check_rotary_write_kv, kn, t, qk_norm, dtype, device)))
+
+    for name, out_features, in_features in pick(LINEAR_SHAPES) if args.quick else LINEAR_SHAPES:
+        for rows in LINEAR_ROWS:
+            cases.append((f"skinny_linear {name} M={rows}",
+                          partial(check_linear, kn, name, out_features, in_features, rows, dtype, device)))
 
     print(f"{'kernel':26s} {'shape':30s} {'max |err|':>10s} {'chk':>4s} {'µs':>10s} {'ref µs':>10s} "
           f"{'speedup':>8s} throughput")

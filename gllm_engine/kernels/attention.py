@@ -17,7 +17,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from gllm_engine.kernels.dot import dot_args
 
 # ---------------------------------------------------------------------------------------------------
 # Tuning. Starting points, not yet timed on a GPU (benchmarks/kernels_check.py will): usual FlashAttention
@@ -51,15 +52,18 @@ def decode_config(head_dim: int, dtype: torch.dtype) -> DecodeTiles:
     """Tile sizes of the decode kernel for one head size and dtype."""
     wide = dtype == torch.float32
     if head_dim <= 128:
-        return DecodeTiles(32, 4, 2) if wide else DecodeTiles(64, 4, 3)
+        return DecodeTiles(32, 4, 2) if wide else DecodeTiles(128, 4, 2)
     return DecodeTiles(16, 4, 2) if wide else DecodeTiles(32, 4, 2)
 
 
 SPLIT_REDUCE_NUM_WARPS = 4
 
-# Split-K decode: with fewer (request, KV head) programs than SMs, each request's context is cut into
-# segments processed in parallel, then merged by a reduce kernel.
-DECODE_SPLIT_MIN_TOKENS = 256  # a segment streams at least this many context tokens
+# Split-K decode: with fewer than `DECODE_PROGRAMS_PER_SM` (request, KV head) programs per SM, each
+# request's context is cut into segments processed in parallel, then merged by a reduce kernel. Timed on
+# an H200 over the decode batches of the ShareGPT and uniform runs (`benchmarks/RESULTS.md`, 2026-12-01):
+# 8 programs per SM and 128-token tiles read the KV cache 5-6% faster than 1 per SM and 64-token tiles.
+DECODE_PROGRAMS_PER_SM = 8
+DECODE_SPLIT_MIN_TOKENS = 128  # a segment streams at least this many context tokens
 DECODE_MAX_SPLITS = 16
 DEFAULT_NUM_SMS = 132  # an H100 SXM; used where the device cannot be asked (the interpreter on CPU)
 
@@ -67,13 +71,13 @@ DEFAULT_NUM_SMS = 132  # an H100 SXM; used where the device cannot be asked (the
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
     """How many segments to split each decode context into (1: no split-K).
 
-    Split only while the `batch * num_kv_heads` programs leave SMs idle, into at most enough segments
-    to cover every SM once, each at least `DECODE_SPLIT_MIN_TOKENS` long.
+    Split while the `batch * num_kv_heads` programs are fewer than `DECODE_PROGRAMS_PER_SM` per SM,
+    into at most enough segments to reach that, each at least `DECODE_SPLIT_MIN_TOKENS` long.
     """
-    programs = batch * num_kv_heads
-    if programs >= num_sms:
+    programs, target = batch * num_kv_heads, DECODE_PROGRAMS_PER_SM * num_sms
+    if programs >= target:
         return 1
-    return max(1, min(DECODE_MAX_SPLITS, -(-num_sms // programs), max_context // DECODE_SPLIT_MIN_TOKENS))
+    return max(1, min(DECODE_MAX_SPLITS, -(-target // programs), max_context // DECODE_SPLIT_MIN_TOKENS))
 
 
 @functools.cache
@@ -83,17 +87,6 @@ def _device_num_sms(index: int) -> int:
 
 def _num_sms(device: torch.device) -> int:
     return _device_num_sms(device.index) if device.type == "cuda" else DEFAULT_NUM_SMS
-
-
-def _dot_args(dtype: torch.dtype) -> dict:
-    """The constexprs that pick how `tl.dot` multiplies: UPCAST_DOT and DOT_PRECISION.
-
-    float32 stays exact ("ieee", not tf32). Triton's interpreter multiplies the raw bit patterns of
-    bfloat16 operands in `tl.dot` (its docs: cast bfloat16 to float32 first), so there the 16-bit
-    operands are widened to float32, which gives the same products and float32 sums.
-    """
-    upcast = _INTERPRETED and dtype != torch.float32
-    return {"UPCAST_DOT": upcast, "DOT_PRECISION": "ieee" if upcast or dtype == torch.float32 else "tf32"}
 
 
 _LOG2E = 1.4426950408889634
@@ -247,7 +240,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=num_heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, PAGE_SIZE=k_cache.shape[1],
-        num_warps=config.num_warps, num_stages=config.num_stages, **_dot_args(q.dtype))
+        num_warps=config.num_warps, num_stages=config.num_stages, **dot_args(q.dtype))
     return out
 
 
@@ -324,10 +317,6 @@ def _split_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride
     tl.store(out_ptr + req * stride_ob + head * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-# Decided when Triton decorated the kernels (TRITON_INTERPRET=1 at import runs them on the CPU).
-_INTERPRETED = isinstance(_decode_kernel, InterpretedFunction)
-
-
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            out: torch.Tensor | None = None) -> torch.Tensor:
@@ -359,7 +348,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_N=config.block_n, PAGE_SIZE=page_size, SPLIT=split, num_warps=config.num_warps,
-        num_stages=config.num_stages, **_dot_args(q.dtype))
+        num_stages=config.num_stages, **dot_args(q.dtype))
     if split:
         _split_reduce_kernel[(batch, num_heads)](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),

@@ -23,7 +23,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from gllm_engine.kernels.dot import dot_args
 
 # ---------------------------------------------------------------------------------------------------
 # Tuning: the one place that picks tiles. A table of measured configurations per device, shape and
@@ -269,16 +270,6 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, pair_weights_ptr, sorted_ids_ptr, 
     tl.store(c_ptrs, acc.to(dtype), mask=row_mask[:, None] & n_mask[None, :])
 
 
-# Decided when Triton decorated the kernel (TRITON_INTERPRET=1 at import runs it on the CPU).
-_INTERPRETED = isinstance(_grouped_gemm_kernel, InterpretedFunction)
-
-
-def _dot_args(dtype: torch.dtype) -> dict:
-    """float32 multiplies exactly ("ieee"); the interpreter gets 16-bit operands widened (it cannot dot them)."""
-    upcast = _INTERPRETED and dtype != torch.float32
-    return {"UPCAST_DOT": upcast, "DOT_PRECISION": "ieee" if upcast or dtype == torch.float32 else "tf32"}
-
-
 def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, pair_weights: torch.Tensor,
                   sorted_ids: torch.Tensor, expert_ids: torch.Tensor, num_padded: torch.Tensor, *,
                   n: int, a_row_div: int, gated: bool, weighted: bool, tiles: MoeTiles) -> None:
@@ -290,7 +281,7 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, pair_weight
         n, a.shape[1], c.shape[0], num_blocks_m, a.stride(0), b.stride(0), b.stride(1), c.stride(0),
         A_ROW_DIV=a_row_div, GATED=gated, WEIGHTED=weighted, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        **_dot_args(a.dtype))
+        **dot_args(a.dtype))
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

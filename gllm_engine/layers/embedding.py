@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gllm_engine.layers.ops import REFERENCE_OPS, KernelOps
 from gllm_engine.layers.parallel import SINGLE, TPLayout
 
 
@@ -43,9 +44,10 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to logits over the full vocabulary (gathered across ranks)."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TPLayout = SINGLE):
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPLayout = SINGLE, ops: KernelOps = REFERENCE_OPS):
         super().__init__(vocab_size, hidden_size, tp)
+        self.ops = ops
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [N, V / tp]
+        logits = self.ops.linear(hidden, self.weight)  # [N, V / tp]
         return self.tp.all_gather_last_dim(logits)[:, : self.vocab_size]

@@ -2,7 +2,8 @@
 
 Each layer is told its place in the tensor-parallel group (`TPLayout`) at construction and loads
 only its slice of a full HF weight through `param.weight_loader(param, full_weight, shard_id)`.
-Weights are stored `[out, in]` as in `nn.Linear`.
+Weights are stored `[out, in]` as in `nn.Linear`; the matmul is `ops.linear` (`F.linear`, or the
+Triton skinny kernel for few-row batches).
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from gllm_engine.layers.ops import REFERENCE_OPS, KernelOps
 from gllm_engine.layers.parallel import SINGLE, TPLayout
 
 
@@ -29,9 +30,10 @@ def _default_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = N
 
 
 class _LinearBase(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPLayout):
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPLayout, ops: KernelOps):
         super().__init__()
         self.tp = tp
+        self.ops = ops
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         if bias:
@@ -44,21 +46,23 @@ class _LinearBase(nn.Module):
         _default_loader(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.ops.linear(x, self.weight, self.bias)
 
 
 class ReplicatedLinear(_LinearBase):
     """The full weight on every rank."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: TPLayout = SINGLE):
-        super().__init__(in_features, out_features, bias, tp)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: TPLayout = SINGLE,
+                 ops: KernelOps = REFERENCE_OPS):
+        super().__init__(in_features, out_features, bias, tp, ops)
 
 
 class ColumnParallelLinear(_LinearBase):
     """Output features split across ranks; each rank's output is its slice (no communication)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: TPLayout = SINGLE):
-        super().__init__(in_features, _divide(out_features, tp.size, "output features"), bias, tp)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: TPLayout = SINGLE,
+                 ops: KernelOps = REFERENCE_OPS):
+        super().__init__(in_features, _divide(out_features, tp.size, "output features"), bias, tp, ops)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
         size = param.shape[0]
@@ -68,9 +72,10 @@ class ColumnParallelLinear(_LinearBase):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections fused into one matmul (e.g. gate and up)."""
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, tp: TPLayout = SINGLE):
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, tp: TPLayout = SINGLE,
+                 ops: KernelOps = REFERENCE_OPS):
         self.output_sizes = output_sizes
-        super().__init__(in_features, sum(output_sizes), bias, tp)
+        super().__init__(in_features, sum(output_sizes), bias, tp, ops)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
         sizes = [s // self.tp.size for s in self.output_sizes]
@@ -83,7 +88,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections fused; KV heads are replicated when there are fewer than ranks."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False, tp: TPLayout = SINGLE):
+                 bias: bool = False, tp: TPLayout = SINGLE, ops: KernelOps = REFERENCE_OPS):
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp.size, "attention heads")
         if num_kv_heads >= tp.size:
@@ -92,7 +97,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             _divide(tp.size, num_kv_heads, "tensor-parallel size over KV heads")
             self.num_kv_heads = 1
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.size
-        super().__init__(hidden_size, out, bias, tp)
+        super().__init__(hidden_size, out, bias, tp, ops)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -111,8 +116,9 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(_LinearBase):
     """Input features split across ranks; partial outputs are summed with an all-reduce."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: TPLayout = SINGLE):
-        super().__init__(_divide(in_features, tp.size, "input features"), out_features, bias, tp)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: TPLayout = SINGLE,
+                 ops: KernelOps = REFERENCE_OPS):
+        super().__init__(_divide(in_features, tp.size, "input features"), out_features, bias, tp, ops)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
         if param.dim() == 1:  # bias: added once, after the reduction
@@ -122,7 +128,7 @@ class RowParallelLinear(_LinearBase):
         _default_loader(param, loaded.narrow(1, self.tp.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
+        out = self.ops.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
         return self.tp.all_reduce(out)
 
 

@@ -10,15 +10,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from gllm_engine.kernels import reference
 
 
 @dataclass(frozen=True)
 class KernelOps:
-    """Callables with the signatures of `gllm_engine.kernels.reference`."""
+    """Callables with the signatures of `gllm_engine.kernels.reference` (`linear`: of `F.linear`)."""
 
     name: str
+    linear: Callable
     paged_prefill_attention: Callable
     prefill_block_m: Callable
     paged_decode_attention: Callable
@@ -29,6 +31,7 @@ class KernelOps:
 
 REFERENCE_OPS = KernelOps(
     name="torch",
+    linear=F.linear,
     paged_prefill_attention=reference.paged_prefill_attention,
     prefill_block_m=reference.prefill_block_m,
     paged_decode_attention=reference.paged_decode_attention,
@@ -40,18 +43,19 @@ REFERENCE_OPS = KernelOps(
 
 def select_ops(device: torch.device, use_reference_kernels: bool = False, attention_backend: str = "triton"
                ) -> KernelOps:
-    """Triton kernels on CUDA unless references are forced; references on every other device.
+    """Triton kernels on CUDA unless references are forced; references (and `F.linear`) on every other device.
 
     With `attention_backend="flash-attn"` (`config.resolve_attention_backend` decides), the paged
     attention comes from the flash-attn package and the rest from Triton.
     """
     if device.type != "cuda" or use_reference_kernels:
         return REFERENCE_OPS
-    from gllm_engine.kernels import activation, attention, flash, norm, rotary
+    from gllm_engine.kernels import activation, attention, flash, linear, norm, rotary
 
     flash_attn = attention_backend == "flash-attn"
     return KernelOps(
         name="flash-attn" if flash_attn else "triton",
+        linear=linear.linear,
         paged_prefill_attention=flash.paged_prefill_attention if flash_attn else attention.paged_prefill_attention,
         prefill_block_m=attention.prefill_block_m,
         paged_decode_attention=flash.paged_decode_attention if flash_attn else attention.paged_decode_attention,

@@ -52,11 +52,11 @@ class DecoderAttention(nn.Module):
         super().__init__()
         head_dim = head_dim_of(cfg)
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, head_dim, cfg.num_attention_heads,
-                                          cfg.num_key_value_heads, bias=flags.qkv_bias, tp=tp)
+                                          cfg.num_key_value_heads, bias=flags.qkv_bias, tp=tp, ops=ops)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, cfg.hidden_size,
-                                        bias=flags.o_bias, tp=tp)
+                                        bias=flags.o_bias, tp=tp, ops=ops)
         self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps, ops) if flags.qk_norm else None
         self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps, ops) if flags.qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5,
@@ -73,8 +73,9 @@ class DecoderMLP(nn.Module):
     def __init__(self, cfg: Any, flags: DecoderFlags, tp: TPLayout, ops: KernelOps):
         super().__init__()
         inter = cfg.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], bias=flags.mlp_bias, tp=tp)
-        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias=flags.mlp_bias, tp=tp)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], bias=flags.mlp_bias, tp=tp,
+                                                       ops=ops)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias=flags.mlp_bias, tp=tp, ops=ops)
         self.act_fn = SiluAndMul(ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +155,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.lm_head = None
         if stage.is_last:
-            self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, tp)
+            self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, tp, ops)
             if self.tie_word_embeddings and stage.is_first:
                 self.lm_head.weight = self.model.embed_tokens.weight
 

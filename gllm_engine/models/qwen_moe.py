@@ -51,7 +51,7 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, hidden_size: int, spec: MoeSpec, flags: DecoderFlags, tp: TPLayout, ep: EPLayout,
                  ops: KernelOps):
         super().__init__()
-        self.gate = ReplicatedLinear(hidden_size, spec.num_experts, tp=tp)
+        self.gate = ReplicatedLinear(hidden_size, spec.num_experts, tp=tp, ops=ops)
         self.experts = FusedMoE(spec.num_experts, spec.top_k, hidden_size, spec.expert_intermediate_size,
                                 renormalize=spec.renormalize, tp=tp, ep=ep, ops=ops)
         self.shared_expert: DecoderMLP | None = None
@@ -59,7 +59,7 @@ class SparseMoeBlock(nn.Module):
         if spec.shared_expert_intermediate_size:
             shape = SimpleNamespace(hidden_size=hidden_size, intermediate_size=spec.shared_expert_intermediate_size)
             self.shared_expert = DecoderMLP(shape, flags, tp, ops)
-            self.shared_expert_gate = ReplicatedLinear(hidden_size, 1, tp=tp)
+            self.shared_expert_gate = ReplicatedLinear(hidden_size, 1, tp=tp, ops=ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.experts(x, self.gate(x))  # [T, H]

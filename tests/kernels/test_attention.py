@@ -135,9 +135,11 @@ def test_decode_split_heuristic():
     long_ctx = 16 * attention.DECODE_SPLIT_MIN_TOKENS
     assert attention.decode_num_splits(1, 8, long_ctx, sms) > 1  # few programs, long context
     assert attention.decode_num_splits(1, 8, long_ctx, sms) <= attention.DECODE_MAX_SPLITS
-    assert attention.decode_num_splits(32, 8, long_ctx, sms) == 1  # the batch fills the GPU
+    full = -(-attention.DECODE_PROGRAMS_PER_SM * sms // 8)  # the smallest batch that fills the GPU
+    assert attention.decode_num_splits(full, 8, long_ctx, sms) == 1
+    assert attention.decode_num_splits(full - 1, 8, long_ctx, sms) == 2
     assert attention.decode_num_splits(1, 8, 128, sms) == 1  # too short to be worth a reduce
-    assert attention.decode_num_splits(4, 8, long_ctx, sms) < attention.decode_num_splits(1, 8, long_ctx, sms)
+    assert attention.decode_num_splits(16, 8, long_ctx, sms) < attention.decode_num_splits(1, 8, long_ctx, sms)
 
 
 def test_decode_default_path_splits_long_contexts(device, make_paged_kv, assert_matches, monkeypatch):
