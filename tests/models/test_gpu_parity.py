@@ -28,11 +28,17 @@ def match_rate(ours: list[list[int]], ref: list[list[int]]) -> float:
     return agreed / total
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# A wide MLP and vocabulary: gate-up (8,192 outputs) and the LM head take the skinny matmul in decode steps.
+WIDE = {"intermediate_size": 4096, "vocab_size": 8192}
+
+
+@pytest.mark.parametrize(("arch", "wide"), [pytest.param(arch, False, id=arch) for arch in ARCHS]
+                         + [pytest.param("LlamaForCausalLM", True, id="LlamaForCausalLM-wide")])
 @pytest.mark.parametrize("enforce_eager", [True, False])
-def test_bf16_greedy_match_rate_against_transformers(arch, enforce_eager, tmp_path, record_property):
-    path = make_tiny_model_dir(arch, tmp_path, with_tokenizer=False, hidden_size=256, intermediate_size=512,
-                               num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=32)
+def test_bf16_greedy_match_rate_against_transformers(arch, wide, enforce_eager, tmp_path, record_property):
+    shape = {"intermediate_size": 512, **(WIDE if wide else {})}
+    path = make_tiny_model_dir(arch, tmp_path, with_tokenizer=False, hidden_size=256, num_hidden_layers=4,
+                               num_attention_heads=8, num_key_value_heads=2, head_dim=32, **shape)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, hf.config.vocab_size, (8 + 13 * i,), generator=g).tolist() for i in range(8)]
@@ -49,6 +55,6 @@ def test_bf16_greedy_match_rate_against_transformers(arch, enforce_eager, tmp_pa
                                                                         ignore_eos=True))]
     rate = match_rate(ours, ref)
     record_property("greedy_match_rate", rate)
-    print(f"{arch} eager={enforce_eager}: greedy match rate {rate:.1%}")
+    print(f"{arch}{' wide' if wide else ''} eager={enforce_eager}: greedy match rate {rate:.1%}")
     first = sum(a[0] == b[0] for a, b in zip(ours, ref)) / len(ref)
     assert first >= 0.75 and rate >= 0.5, (first, rate)
