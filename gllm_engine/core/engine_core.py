@@ -79,7 +79,7 @@ class EngineCore:
                   if config.scheduler.schedule_method == "token_throttling" else ChunkedPrefillPolicy())
         # Async scheduling: one rank feeds a decode its input token from the previous step's samples
         # on the device, so the next step is launched before this one's tokens reach the host.
-        feeds = self.executor.feeds_sampled_tokens
+        feeds = self.executor.feeds_pending_tokens
         self.scheduler = Scheduler(config.scheduler, self.kv_cache, policy, decode_pending=feeds)
         self.encoder = PlanEncoder()
         self.in_flight: deque[SchedulerOutput] = deque()  # micro-batches submitted, not yet collected

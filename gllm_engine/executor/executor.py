@@ -33,7 +33,8 @@ class UniprocExecutor:
         self._results: deque[PendingSample] = deque()
 
     @property
-    def feeds_sampled_tokens(self) -> bool:
+    def feeds_pending_tokens(self) -> bool:
+        """Whether decodes of tokens still being sampled may be planned (the runner feeds them on the device)."""
         return self.runner.feeds_pending_tokens
 
     def submit(self, plan: StepPlan) -> None:
@@ -59,7 +60,7 @@ class MultiprocExecutor:
     """
 
     # Samples reach the first stage's ranks only through the engine.
-    feeds_sampled_tokens = False
+    feeds_pending_tokens = False
 
     def __init__(self, config: EngineConfig, *, show_progress: bool = True):
         self.config = config

@@ -1,6 +1,7 @@
 """Triton kernels, each the twin of a pure-torch reference in `reference.py`; `flash` puts the
 flash-attn package's paged attention behind the same signatures.
 
-Importing this package imports no Triton: the modules here (`attention`, `norm`, `activation`,
-`rotary`, `moe`) import it themselves and are loaded only when the Triton path is chosen.
+Importing this package imports no Triton: the modules here (`attention`, `linear`, `norm`,
+`activation`, `rotary`, `moe`, and `dot`, which they share) import it themselves and are loaded only
+when the Triton path is chosen.
 """

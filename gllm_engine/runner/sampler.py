@@ -104,6 +104,7 @@ class PendingSample:
     _copied: torch.cuda.Event | None = None
 
     def start_copy(self) -> None:
+        """On a GPU, queue the copy of the samples to pinned host memory behind the kernels that made them."""
         if self.tokens.device.type != "cuda":
             return
         self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gllm_engine import LLM, SamplingParams
+from gllm_engine.kernels.linear import SKINNY_MIN_FEATURES
 from tests.helpers import make_tiny_model_dir
 
 pytestmark = pytest.mark.gpu
@@ -37,6 +38,8 @@ WIDE = {"intermediate_size": 4096, "vocab_size": 8192}
 @pytest.mark.parametrize("enforce_eager", [True, False])
 def test_bf16_greedy_match_rate_against_transformers(arch, wide, enforce_eager, tmp_path, record_property):
     shape = {"intermediate_size": 512, **(WIDE if wide else {})}
+    if wide:  # gate-up's and the LM head's outputs are wide enough for the skinny kernel to take them
+        assert min(2 * WIDE["intermediate_size"], WIDE["vocab_size"]) >= SKINNY_MIN_FEATURES
     path = make_tiny_model_dir(arch, tmp_path, with_tokenizer=False, hidden_size=256, num_hidden_layers=4,
                                num_attention_heads=8, num_key_value_heads=2, head_dim=32, **shape)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
