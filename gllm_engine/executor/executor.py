@@ -41,7 +41,7 @@ class UniprocExecutor:
         self._results.append(self.runner.execute(plan))
 
     def collect(self) -> SamplerOutput:
-        return self._results.popleft().to_host()
+        return self.runner.collect(self._results.popleft())
 
     def reset(self) -> None:
         """Drop the results of batches the engine rolled back."""
@@ -127,7 +127,7 @@ class MultiprocExecutor:
     def collect(self) -> SamplerOutput:
         local = self._results.popleft()
         if self.worker.comm.sampling_rank == 0:
-            return local.to_host()
+            return self.worker.runner.collect(local)
         while True:
             try:
                 out = self._remote_results.get(timeout=0.2)

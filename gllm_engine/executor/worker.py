@@ -70,7 +70,7 @@ def worker_main(config: EngineConfig, rank: int, master: tuple[str, int]) -> Non
         while (plan := comm.recv_object(0, PLAN_TAG)) is not None:
             out = worker.run(plan)
             if rank == comm.sampling_rank:
-                comm.send_object(out.to_host(), 0, RESULT_TAG, comm.result_group)
+                comm.send_object(worker.runner.collect(out), 0, RESULT_TAG, comm.result_group)
         if rank == comm.sampling_rank:
             comm.send_object(None, 0, RESULT_TAG, comm.result_group)  # ends the engine's receiver thread
     finally:

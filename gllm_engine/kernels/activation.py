@@ -6,12 +6,15 @@ import torch
 import triton
 import triton.language as tl
 
+from gllm_engine.kernels.launch import pdl_args, pdl_wait
+
 ACT_BLOCK = 1024  # output columns per program
 ACT_NUM_WARPS = 4
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, D: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, D: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
@@ -34,5 +37,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         x2 = x2.contiguous()
     block = min(ACT_BLOCK, triton.next_power_of_2(d))
     _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, out, x2.stride(0), D=d, BLOCK=block,
-                                                               num_warps=ACT_NUM_WARPS)
+                                                               num_warps=ACT_NUM_WARPS, **pdl_args(x.device))
     return out

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from gllm_engine.kernels.dot import dot_args
+from gllm_engine.kernels.launch import pdl_args, pdl_wait
 
 # ---------------------------------------------------------------------------------------------------
 # Tuning. Starting points, not yet timed on a GPU (benchmarks/kernels_check.py will): usual FlashAttention
@@ -257,7 +258,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
                    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-                   UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -299,7 +301,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _split_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                         PDL: tl.constexpr):
+    pdl_wait(PDL)
     req = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -348,11 +352,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_N=config.block_n, PAGE_SIZE=page_size, SPLIT=split, num_warps=config.num_warps,
-        num_stages=config.num_stages, **dot_args(q.dtype))
+        num_stages=config.num_stages, **dot_args(q.dtype), **pdl_args(q.device))
     if split:
         _split_reduce_kernel[(batch, num_heads)](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=SPLIT_REDUCE_NUM_WARPS)
+            num_warps=SPLIT_REDUCE_NUM_WARPS, **pdl_args(q.device))
     return out
 

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gllm_engine.kernels.launch import pdl_args, pdl_wait
+
 NORM_MAX_NUM_WARPS = 16
 NORM_ELEMENTS_PER_WARP = 256  # a row of N elements gets about N / 256 warps (8 elements per thread)
 
@@ -20,7 +22,8 @@ def _num_warps(block: int) -> int:
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps, stride_x, stride_res,
-                     N: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                     N: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -63,5 +66,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     block = triton.next_power_of_2(n)
     _rms_norm_kernel[(x2.shape[0],)](
         x2, r2, weight.contiguous(), out, out if res_out is None else res_out, eps, x2.stride(0), r2.stride(0),
-        N=n, BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=_num_warps(block))
+        N=n, BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=_num_warps(block), **pdl_args(x.device))
     return out, res_out

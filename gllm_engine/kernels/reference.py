@@ -118,6 +118,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x[..., :d]) * x[..., d:]
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """The index of the largest value of each row of `x` `[N, V]` (the first of ties; NaN is largest)."""
+    return x.argmax(dim=-1)
+
+
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`silu(gate) * up` of the stacked gate-up projection `weight` `[2d, K]`: `[..., d]`."""
+    return silu_and_mul(F.linear(x, weight, bias))
+
+
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                  cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Neox-style rotary embedding (rotate halves) on q `[T, Hq, D]` and k `[T, Hkv, D]`.

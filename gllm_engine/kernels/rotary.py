@@ -2,7 +2,8 @@
 
 Optional per-head RMSNorm of q and k (Qwen3), neox-style rotary embedding of both, in place (so views
 into a fused qkv buffer are updated where they lie), and the store of k and v into the paged cache.
-Reference: `reference.rotary_write_kv`. One program handles one token, `ROPE_BLOCK_H` heads at a time.
+Reference: `reference.rotary_write_kv`. One program handles `ROPE_BLOCK_H` q heads or KV heads of one
+token, so even a batch-1 step spreads over several SMs.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-ROPE_BLOCK_H = 8  # heads per inner step
+from gllm_engine.kernels.launch import pdl_args, pdl_wait
+
+ROPE_BLOCK_H = 8  # heads per program
 ROPE_NUM_WARPS = 4
 
 
@@ -37,8 +40,16 @@ def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_p
                             stride_cb, stride_ct, stride_ch, stride_vcb, stride_vct, stride_vch,
                             NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
                             BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                            HAS_NORM: tl.constexpr):
+                            HAS_NORM: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
+    # grid axis 1: the blocks of BLOCK_H q heads, then those of KV heads; a program's other range is empty
+    hb = tl.program_id(1)
+    q_blocks = tl.cdiv(NUM_Q_HEADS, BLOCK_H)
+    q_begin = tl.minimum(hb * BLOCK_H, NUM_Q_HEADS)
+    q_end = tl.minimum(q_begin + BLOCK_H, NUM_Q_HEADS)
+    kv_begin = tl.minimum(tl.maximum(hb - q_blocks, 0) * BLOCK_H, NUM_KV_HEADS)
+    kv_end = tl.where(hb >= q_blocks, tl.minimum(kv_begin + BLOCK_H, NUM_KV_HEADS), kv_begin)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     j = tl.arange(0, BLOCK_HALF)
     j_mask = j < HALF
@@ -46,9 +57,9 @@ def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_p
     sin = tl.load(cos_sin_ptr + pos * stride_cos + HALF + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
     dtype = q_ptr.dtype.element_ty
 
-    for h0 in range(0, NUM_Q_HEADS, BLOCK_H):
+    for h0 in range(q_begin, q_end, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
-        mask = (h < NUM_Q_HEADS)[:, None] & j_mask[None, :]
+        mask = (h < q_end)[:, None] & j_mask[None, :]
         ptr = q_ptr + t * stride_qt + h[:, None] * stride_qh + j[None, :]  # [BLOCK_H, BLOCK_HALF] first halves
         y1, y2 = _norm_and_rotate(tl.load(ptr, mask=mask, other=0.0).to(tl.float32),
                                   tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32),
@@ -58,10 +69,10 @@ def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_p
 
     slot = tl.load(slot_ptr + t).to(tl.int64)  # negative: a padded token, nothing stored
     page, row = tl.maximum(slot, 0) // PAGE_SIZE, tl.maximum(slot, 0) % PAGE_SIZE
-    stored_heads = tl.where(slot >= 0, NUM_KV_HEADS, 0)
-    for h0 in range(0, NUM_KV_HEADS, BLOCK_H):
+    stored_heads = tl.where(slot >= 0, kv_end, 0)
+    for h0 in range(kv_begin, kv_end, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
-        mask = (h < NUM_KV_HEADS)[:, None] & j_mask[None, :]
+        mask = (h < kv_end)[:, None] & j_mask[None, :]
         cache_mask = (h < stored_heads)[:, None] & j_mask[None, :]
         ptr = k_ptr + t * stride_kt + h[:, None] * stride_kh + j[None, :]
         y1, y2 = _norm_and_rotate(tl.load(ptr, mask=mask, other=0.0).to(tl.float32),
@@ -95,11 +106,12 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     assert cos_sin_cache.shape[-1] == head_dim == k.shape[-1] and head_dim % 2 == 0
     q_weight, k_weight = qk_norm_weights if qk_norm_weights is not None else (q, q)  # unused without the norm
     half = head_dim // 2
-    _rotary_write_kv_kernel[(num_tokens,)](
+    head_blocks = triton.cdiv(num_q_heads, ROPE_BLOCK_H) + triton.cdiv(k.shape[1], ROPE_BLOCK_H)
+    _rotary_write_kv_kernel[(num_tokens, head_blocks)](
         q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, q_weight, k_weight, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=k.shape[1], HALF=half, BLOCK_H=ROPE_BLOCK_H,
         BLOCK_HALF=triton.next_power_of_2(half), PAGE_SIZE=k_cache.shape[1], HAS_NORM=qk_norm_weights is not None,
-        num_warps=ROPE_NUM_WARPS)
+        num_warps=ROPE_NUM_WARPS, **pdl_args(q.device))
     return q

@@ -83,6 +83,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         shard = loaded.narrow(0, self.tp.rank * sizes[shard_id], sizes[shard_id])
         _default_loader_into(param.data.narrow(0, offset, sizes[shard_id]), shard)
 
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """`silu(gate) * up` of this (gate, up) pair, in one kernel where the ops have one."""
+        assert len(self.output_sizes) == 2 and self.output_sizes[0] == self.output_sizes[1]
+        return self.ops.linear_silu_and_mul(x, self.weight, self.bias)
+
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections fused; KV heads are replicated when there are fewer than ranks."""

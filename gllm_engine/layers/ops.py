@@ -25,8 +25,9 @@ class KernelOps:
     prefill_block_m: Callable
     paged_decode_attention: Callable
     rms_norm: Callable
-    silu_and_mul: Callable
+    linear_silu_and_mul: Callable
     rotary_write_kv: Callable
+    argmax: Callable
 
 
 REFERENCE_OPS = KernelOps(
@@ -36,8 +37,9 @@ REFERENCE_OPS = KernelOps(
     prefill_block_m=reference.prefill_block_m,
     paged_decode_attention=reference.paged_decode_attention,
     rms_norm=reference.rms_norm,
-    silu_and_mul=reference.silu_and_mul,
+    linear_silu_and_mul=reference.linear_silu_and_mul,
     rotary_write_kv=reference.rotary_write_kv,
+    argmax=reference.argmax,
 )
 
 
@@ -50,7 +52,7 @@ def select_ops(device: torch.device, use_reference_kernels: bool = False, attent
     """
     if device.type != "cuda" or use_reference_kernels:
         return REFERENCE_OPS
-    from gllm_engine.kernels import activation, attention, flash, linear, norm, rotary
+    from gllm_engine.kernels import attention, flash, linear, norm, rotary, sampling
 
     flash_attn = attention_backend == "flash-attn"
     return KernelOps(
@@ -60,6 +62,7 @@ def select_ops(device: torch.device, use_reference_kernels: bool = False, attent
         prefill_block_m=attention.prefill_block_m,
         paged_decode_attention=flash.paged_decode_attention if flash_attn else attention.paged_decode_attention,
         rms_norm=norm.rms_norm,
-        silu_and_mul=activation.silu_and_mul,
+        linear_silu_and_mul=linear.linear_silu_and_mul,
         rotary_write_kv=rotary.rotary_write_kv,
+        argmax=sampling.argmax,
     )

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from gllm_engine.layers.activation import SiluAndMul
 from gllm_engine.layers.attention import Attention, AttentionMetadata
 from gllm_engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from gllm_engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -76,10 +75,9 @@ class DecoderMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], bias=flags.mlp_bias, tp=tp,
                                                        ops=ops)
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias=flags.mlp_bias, tp=tp, ops=ops)
-        self.act_fn = SiluAndMul(ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj.silu_and_mul(x))
 
 
 class DecoderLayer(nn.Module):

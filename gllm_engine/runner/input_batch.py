@@ -66,6 +66,12 @@ class SeqState:
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
 
+    def fill_sampled(self, pos: int, token: int) -> None:
+        """Put a sampled token in at `pos` if the mirror already reaches it (holding `PENDING_TOKEN`);
+        a token past its end arrives with a later plan."""
+        if pos < len(self.token_ids):
+            self.token_ids[pos] = token
+
 
 class InputBatch:
     """Rank side: applies plans to the mirror of every live sequence."""

@@ -30,7 +30,7 @@ from gllm_engine.runner.input_batch import (
     StepArrays,
     StepPlan,
 )
-from gllm_engine.runner.sampler import PendingSample, SamplingBatch, sample
+from gllm_engine.runner.sampler import PendingSample, SamplerOutput, SamplingBatch, sample
 
 logger = logging.getLogger(__name__)
 
@@ -269,12 +269,20 @@ class ModelRunner:
         with record_function("sample"):
             sampled = [(d, st) for d, st in zip(plan.seqs, states) if d.samples]
             batch = SamplingBatch.build([st for _, st in sampled], self.device, self.vocab_size, self.generators)
-            result = sample(logits, batch)
+            result = sample(logits, batch, self.ops.argmax)
             result.start_copy()
             if self.feeds_pending_tokens:
                 result.positions = [(st, d.num_computed_tokens + d.num_new_tokens) for d, st in sampled]
                 self.last_samples = (result.tokens, {d.seq_id: row for row, (d, _) in enumerate(sampled)})
             return result
+
+    def collect(self, pending: PendingSample) -> SamplerOutput:
+        """Wait for one step's samples, and write each token into this rank's mirror of its sequence
+        where a later step already holds its placeholder."""
+        out = pending.to_host()
+        for (state, pos), token in zip(pending.positions, out.token_ids):
+            state.fill_sampled(pos, token)
+        return out
 
     def reset(self) -> None:
         """Forget the last step's samples: the steps after it were rolled back."""

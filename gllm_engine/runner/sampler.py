@@ -6,10 +6,12 @@ per row, so a seeded request's draws depend only on its own generator, never on 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from gllm_engine.kernels import reference
 from gllm_engine.runner.input_batch import SeqState
 
 
@@ -97,8 +99,8 @@ class PendingSample:
 
     tokens: torch.Tensor  # [N] int64
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # chosen, rank, top ids, top
-    # Per row: the rank's mirror of the sequence and the token's position in it, to fill in a placeholder
-    # that a later step already holds there.
+    # Per row, set by the runner: its mirror of the sequence and the token's position there, where a
+    # later step may already hold a placeholder (`ModelRunner.collect` fills it in).
     positions: list[tuple[SeqState, int]] = field(default_factory=list)
     _host: list[torch.Tensor] | None = None
     _copied: torch.cuda.Event | None = None
@@ -113,15 +115,13 @@ class PendingSample:
         self._copied.record()
 
     def to_host(self) -> SamplerOutput:
+        """Wait for the samples and return them as host lists."""
         if self._copied is not None:
             self._copied.synchronize()
             tokens, *logprobs = self._host
         else:
             tokens, *logprobs = (self.tokens, *(self.logprobs or ()))
         token_list = tokens.tolist()
-        for (state, pos), token in zip(self.positions, token_list):
-            if pos < len(state.token_ids):
-                state.token_ids[pos] = token
         if not logprobs:
             return SamplerOutput(token_list)
         chosen, ranks, top_ids, top_vals = (t.tolist() for t in logprobs)
@@ -168,8 +168,10 @@ def _filter(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> PendingSample:
-    """Sample one token per row of `logits` `[N, V]` (float32), without waiting for the device."""
+def sample(logits: torch.Tensor, batch: SamplingBatch, argmax: Callable = reference.argmax) -> PendingSample:
+    """Sample one token per row of `logits` `[N, V]` (float32), without waiting for the device.
+
+    `argmax` picks the largest entry of each row (the kernel set's: `KernelOps.argmax`)."""
     raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs is not None else None
     for row, ids in batch.banned:
         logits[row, ids] = float("-inf")
@@ -177,15 +179,14 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> PendingSample:
         _apply_penalties(logits, batch)
 
     if batch.all_greedy:
-        tokens = logits.argmax(dim=-1)
+        tokens = argmax(logits)
     else:
         scaled = _filter(logits / batch.temperature[:, None], batch)
         probs = scaled.softmax(dim=-1)
         noise = torch.empty_like(probs).exponential_()
         for row, gen in batch.generators.items():
             noise[row].exponential_(generator=gen)
-        sampled = (probs / noise).argmax(dim=-1)
-        tokens = torch.where(batch.greedy, logits.argmax(dim=-1), sampled)
+        tokens = torch.where(batch.greedy, argmax(logits), argmax(probs / noise))
 
     if raw_logprobs is None:
         return PendingSample(tokens)

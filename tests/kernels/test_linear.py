@@ -1,4 +1,5 @@
-"""The skinny (few-row) matmul kernel vs `F.linear`, and when `linear` picks it."""
+"""The skinny (few-row) matmul kernel vs `F.linear` (plain, and with the SiLU-and-mul of a gate-up
+projection fused), and when `linear` picks it."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gllm_engine.kernels import linear
+from gllm_engine.kernels import linear, reference
 
 
 def _randn(*shape: int, dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
@@ -27,6 +28,28 @@ def test_skinny_linear_matches_f_linear(dtype, with_bias, rows, features, device
     expected = F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(dtype)
     assert out.dtype == dtype and out.shape == (rows, n)
     torch.testing.assert_close(out.float().cpu(), expected.float().cpu(), atol=2e-2, rtol=2e-2)
+
+
+# (d, K): the weight stacks gate and up, [2d, K]
+@pytest.mark.parametrize("features", [(100, 80), (2048, 512)], ids=lambda f: f"{f[0]}x{f[1]}")
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gated_skinny_linear_matches_silu_and_mul_of_f_linear(with_bias, rows, features, device, assert_matches):
+    d, k = features
+    dtype = torch.bfloat16
+    x = _randn(rows, k, dtype=dtype, device=device, seed=7)
+    weight = _randn(2 * d, k, dtype=dtype, device=device, seed=8) * 0.1
+    bias = _randn(2 * d, dtype=dtype, device=device, seed=9) if with_bias else None
+    out = linear.skinny_linear(x, weight, bias, gated=True)
+    assert out.dtype == dtype and out.shape == (rows, d)
+    assert_matches(out, reference.silu_and_mul(linear.skinny_linear(x, weight, bias)))  # the same roundings
+
+
+def test_linear_silu_and_mul_off_the_skinny_path_matches_the_reference(device, assert_matches):
+    x = _randn(3, 64, dtype=torch.float32, device=device, seed=10)
+    weight = _randn(16, 64, dtype=torch.float32, device=device, seed=11)
+    assert not linear.uses_skinny_kernel(x, weight)
+    assert_matches(linear.linear_silu_and_mul(x, weight), reference.linear_silu_and_mul(x, weight))
 
 
 def test_skinny_linear_reads_strided_rows(device):

@@ -14,7 +14,6 @@ from gllm_engine.runner.input_batch import (
     StepPlan,
     pack_layout,
 )
-from gllm_engine.runner.sampler import PendingSample
 from gllm_engine.sampling_params import SamplingParams
 
 
@@ -40,6 +39,6 @@ def test_a_pending_input_token_is_a_placeholder_until_its_step_reports():
     batch.apply(StepPlan([SeqDelta(7, 0, 3, True, [5, 6, 7], [0], 3, params)], 0))
     (state,) = batch.apply(StepPlan([SeqDelta(7, 3, 1, True, [], None)], 1))  # decode of the token being sampled
     assert state.token_ids == [5, 6, 7, PENDING_TOKEN]
-    PendingSample(torch.tensor([42]), positions=[(state, 3)]).to_host()  # the first step's sample arrives
-    PendingSample(torch.tensor([43]), positions=[(state, 4)]).to_host()  # not in the mirror yet: sent later
+    state.fill_sampled(3, 42)  # the first step's sample arrives
+    state.fill_sampled(4, 43)  # not in the mirror yet: a later plan sends it
     assert state.token_ids == [5, 6, 7, 42]
