@@ -47,6 +47,7 @@ VOCAB = 128256
 LINEAR_SHAPES = (("qkv", (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM, HIDDEN), ("o", HIDDEN, NUM_HEADS * HEAD_DIM),
                  ("gate_up", 2 * INTERMEDIATE, HIDDEN), ("down", HIDDEN, INTERMEDIATE), ("lm_head", VOCAB, HIDDEN))
 LINEAR_ROWS = (1, 16)
+ARGMAX_ROWS = (1, 256)
 ATOL = RTOL = 2e-2
 
 
@@ -69,19 +70,20 @@ class Kernels:
     activation: ModuleType
     rotary: ModuleType
     linear: ModuleType
+    sampling: ModuleType
 
 
 def load_kernels() -> Kernels:
     """Import gllm_engine/kernels/*.py by path, without the engine package's own imports."""
     mods = {}
-    for name in ("reference", "attention", "norm", "activation", "rotary", "linear"):
+    for name in ("reference", "attention", "norm", "activation", "rotary", "linear", "sampling"):
         spec = importlib.util.spec_from_file_location(f"gllm_kernels_{name}", KERNELS_DIR / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
         mods[name] = module
     return Kernels(mods["reference"], mods["attention"], mods["norm"], mods["activation"], mods["rotary"],
-                   mods["linear"])
+                   mods["linear"], mods["sampling"])
 
 
 def bench_us(fn: Callable[[], object]) -> float:
@@ -242,6 +244,29 @@ def check_linear(kn: Kernels, name: str, out_features: int, in_features: int, ro
                gbps(weight.numel() * weight.element_size(), us))
 
 
+def check_gated_linear(kn: Kernels, rows: int, dtype: torch.dtype, device: torch.device) -> Row:
+    """The gate-up projection with SiLU-and-mul in one skinny kernel, against cuBLAS then the reference activation."""
+    import torch.nn.functional as F
+
+    x = torch.randn(rows, HIDDEN, dtype=dtype, device=device)
+    weight = torch.randn(2 * INTERMEDIATE, HIDDEN, dtype=dtype, device=device) * HIDDEN**-0.5
+    err, ok = compare(kn.linear.skinny_linear(x, weight, gated=True), kn.ref.silu_and_mul(F.linear(x, weight)))
+    us = graph_us(lambda: kn.linear.skinny_linear(x, weight, gated=True))
+    ref_us = graph_us(lambda: kn.ref.silu_and_mul(F.linear(x, weight)))
+    return Row("skinny_linear gate_up+silu", f"M={rows} N={2 * INTERMEDIATE} K={HIDDEN}", err, ok, us, ref_us,
+               gbps(weight.numel() * weight.element_size(), us))
+
+
+def check_argmax(kn: Kernels, rows: int, device: torch.device) -> Row:
+    """Greedy argmax over float32 logits; it must pick exactly torch's token."""
+    logits = torch.randn(rows, VOCAB, device=device)
+    same = torch.equal(kn.sampling.argmax(logits), kn.ref.argmax(logits))
+    us = graph_us(lambda: kn.sampling.argmax(logits))
+    ref_us = graph_us(lambda: kn.ref.argmax(logits))
+    return Row("argmax", f"B={rows} V={VOCAB}", 0.0 if same else float("inf"), same, us, ref_us,
+               gbps(logits.numel() * logits.element_size(), us))
+
+
 def graph_us(fn: Callable[[], object], calls: int = 20) -> float:
     """Mean µs of `fn` replayed from a CUDA graph of `calls` calls (no launch overhead, as in a captured step)."""
     fn()
@@ -299,6 +324,11 @@ def main() -> None:
         for rows in LINEAR_ROWS:
             cases.append((f"skinny_linear {name} M={rows}",
                           partial(check_linear, kn, name, out_features, in_features, rows, dtype, device)))
+
+    for rows in LINEAR_ROWS:
+        cases.append((f"skinny_linear gate_up+silu M={rows}", partial(check_gated_linear, kn, rows, dtype, device)))
+    for rows in ARGMAX_ROWS:
+        cases.append((f"argmax B={rows}", partial(check_argmax, kn, rows, device)))
 
     print(f"{'kernel':26s} {'shape':30s} {'max |err|':>10s} {'chk':>4s} {'µs':>10s} {'ref µs':>10s} "
           f"{'speedup':>8s} throughput")
