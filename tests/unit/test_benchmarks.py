@@ -84,3 +84,16 @@ def test_step_kinds_charges_every_step_to_a_kind(tmp_path):
              if line.startswith("│") and line.split("│")[1].strip() in ("decode", "prefill <= 512")}
     # One prefill step takes all five prompts, then three decode steps give tokens 2 to 4.
     assert steps == {"prefill <= 512": 1, "decode": 3}, res.stdout
+
+
+def test_decode_replay_records_the_context_length_of_every_decode_step(tmp_path):
+    requests = tmp_path / "requests.json"
+    requests.write_text(json.dumps([{"prompt_token_ids": [1, 2, 3, 4, 5], "output_len": 3},
+                                    {"prompt_token_ids": [6, 7, 8], "output_len": 2}]))
+    out = tmp_path / "steps.json"
+    subprocess.run([sys.executable, "benchmarks/decode_replay.py", "record", "--requests-file", str(requests),
+                    "--num-blocks", "64", "--max-model-len", "64", "--out", str(out)], check=True, timeout=600)
+    recorded = json.loads(out.read_text())
+    # one prefill step samples each first token; then each decode reads its prompt and outputs so far
+    assert recorded["steps"] == 3 and recorded["decode_steps"] == [[6, 4], [7]]
+    assert recorded["settings"]["max_num_seqs"] == 1024 and recorded["requests"] == 2

@@ -1,0 +1,175 @@
+"""Decode attention over the decode steps of a real offline run, timed on a GPU, per batch-size bucket.
+
+Which requests decode in which step, and over how much context, depends on the requests and the
+batching settings, not on the model. `record` therefore runs the engine on the CPU with a tiny random
+model and saves the context lengths of every decode-only step. `replay` rebuilds every Nth of those
+batches on a GPU at --config's attention shapes. Each batch is padded to the CUDA-graph size the
+engine would pad it to, with shuffled blocks. `paged_decode_attention` is then timed in CUDA graphs
+of 10 calls, and the totals are scaled to all steps and all layers.
+
+    python benchmarks/decode_replay.py record --requests-file .gpu/sharegpt1000.json --out decode_steps.json
+    python benchmarks/decode_replay.py replay decode_steps.json --config benchmarks/configs/llama3-8b --every 5
+
+`--programs-per-sm` overrides the engine's split-K target (`DECODE_PROGRAMS_PER_SM`) for tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from offline_throughput import workload_requests  # noqa: E402
+
+BUCKETS = ((1, 16), (17, 63), (64, 127), (128, 255), (256, 511), (512, 1024))  # decode batch sizes, inclusive
+GRAPH_CALLS = 10
+
+
+def record(args: argparse.Namespace) -> None:
+    """Run the requests through the engine on the CPU and save each decode-only step's context lengths."""
+    from transformers import LlamaConfig
+
+    from gllm_engine.config import EngineConfig
+    from gllm_engine.core.engine_core import EngineCore
+    from gllm_engine.sampling_params import SamplingParams
+
+    requests = workload_requests(args.requests_file, args.num_prompts, args.seed)
+    vocab = max(max(r.prompt_token_ids) for r in requests) + 1
+    with tempfile.TemporaryDirectory() as model_dir:  # the schedule does not depend on the model: a tiny one
+        LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=args.max_model_len,
+                    architectures=["LlamaForCausalLM"]).save_pretrained(model_dir)
+        config = EngineConfig.create(model_dir, load_format="dummy", dtype="float32", device="cpu",
+                                     max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                                     max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                                     num_gpu_blocks_override=args.num_blocks, skip_tokenizer_init=True)
+        core = EngineCore(config, show_progress=False)
+        for i, r in enumerate(requests):
+            core.add_request(str(i), r.prompt_token_ids,
+                             SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True))
+        steps: list[list[int]] = []
+        num_steps = 0
+        schedule = core.scheduler.schedule
+
+        def recording_schedule():
+            nonlocal num_steps
+            out = schedule()
+            if out.scheduled:
+                num_steps += 1
+                if out.num_decodes == len(out.scheduled):
+                    steps.append([s.start + 1 for s in out.scheduled])  # context length, the new token's included
+            return out
+
+        core.scheduler.schedule = recording_schedule
+        while core.has_unfinished_requests():
+            core.step()
+    settings = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks")}
+    Path(args.out).write_text(json.dumps({"settings": settings, "requests": len(requests), "steps": num_steps,
+                                          "decode_steps": steps}))
+    tokens = sum(map(sum, steps))
+    print(f"{num_steps} steps, {len(steps)} decode-only, {tokens:,} context tokens read per layer -> {args.out}")
+
+
+def replay(args: argparse.Namespace) -> None:
+    """Time decode attention over every `--every`th recorded decode step; print a table per batch-size bucket."""
+    import torch
+    import triton.testing
+    from rich.console import Console
+    from rich.table import Table
+    from transformers import AutoConfig
+
+    from gllm_engine.kernels import attention
+    from gllm_engine.runner.cuda_graph import capture_sizes
+
+    if not torch.cuda.is_available():
+        sys.exit("decode_replay.py replay needs a CUDA device")
+    if args.programs_per_sm:
+        attention.DECODE_PROGRAMS_PER_SM = args.programs_per_sm
+    recorded = json.loads(Path(args.schedule).read_text())
+    block_size, max_num_seqs = recorded["settings"]["block_size"], recorded["settings"]["max_num_seqs"]
+    hf = AutoConfig.from_pretrained(args.config)
+    num_heads, num_kv_heads = hf.num_attention_heads, hf.num_key_value_heads
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
+    layers, dtype, device = hf.num_hidden_layers, torch.bfloat16, torch.device("cuda")
+    sampled = recorded["decode_steps"][::args.every]
+    sizes = capture_sizes(max_num_seqs)
+    num_blocks = max(sum(-(-c // block_size) for c in lens) for lens in sampled) + 1
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+    v_cache = torch.randn_like(k_cache)
+    width = -(-max(max(lens) for lens in sampled) // block_size)
+    gen = torch.Generator().manual_seed(0)
+    token_bytes = 2 * num_kv_heads * head_dim * k_cache.element_size()  # K and V of one token, one layer
+    results = []  # (batch, context tokens, seconds per call)
+    for lens in sampled:
+        padded = next(s for s in sizes if s >= len(lens))
+        seq_lens = np.zeros(padded, dtype=np.int32)
+        seq_lens[:len(lens)] = lens
+        blocks = -(-seq_lens // block_size)
+        ids = (torch.randperm(num_blocks - 1, generator=gen)[:int(blocks.sum())] + 1).to(torch.int32)
+        tables = torch.zeros(padded, width, dtype=torch.int32)
+        for row, start in enumerate(np.cumsum(blocks) - blocks):
+            tables[row, :blocks[row]] = ids[start:start + blocks[row]]
+        q = torch.randn(padded, num_heads, head_dim, dtype=dtype, device=device)
+        tables, seq_lens_t, out = tables.to(device), torch.from_numpy(seq_lens).to(device), torch.empty_like(q)
+
+        def step(q=q, tables=tables, seq_lens_t=seq_lens_t, out=out):
+            attention.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens_t, head_dim**-0.5, out=out)
+
+        step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_CALLS):
+                step()
+        results.append((len(lens), sum(lens), triton.testing.do_bench(graph.replay) / GRAPH_CALLS * 1e-3))
+
+    table = Table(title=f"Decode attention over {len(sampled)} of {len(recorded['decode_steps'])} decode steps "
+                        f"({torch.cuda.get_device_name(device)}, Hq={num_heads} Hkv={num_kv_heads} D={head_dim}, "
+                        f"{layers} layers)")
+    for column in ("batch", "steps timed", "seconds (all steps, all layers)", "KV read (TB)", "TB/s"):
+        table.add_column(column, justify="right")
+    scale = args.every * layers
+
+    def add(label: str, rows: list[tuple[int, int, float]]) -> None:
+        seconds = sum(t for _, _, t in rows)
+        kv_bytes = sum(c for _, c, _ in rows) * token_bytes
+        table.add_row(label, str(len(rows)), f"{seconds * scale:.2f}", f"{kv_bytes * scale / 1e12:.2f}",
+                      f"{kv_bytes / seconds / 1e12:.2f}")
+
+    for low, high in BUCKETS:
+        rows = [r for r in results if low <= r[0] <= high]
+        if rows:
+            add(f"{low}-{high}", rows)
+    add("all", results)
+    Console().print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    rec = commands.add_parser("record", help="run the requests on the CPU and save the decode steps")
+    rec.add_argument("--requests-file", help="requests saved by offline_throughput.py --save-requests")
+    rec.add_argument("--num-prompts", type=int, default=1000)
+    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--max-num-seqs", type=int, default=1024, help="the engine's default on a GPU")
+    rec.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    rec.add_argument("--block-size", type=int, default=16)
+    rec.add_argument("--num-blocks", type=int, default=80000, help="KV blocks (enough that nothing is preempted)")
+    rec.add_argument("--max-model-len", type=int, default=8192)
+    rec.add_argument("--out", required=True)
+    rep = commands.add_parser("replay", help="time decode attention over the recorded steps on a GPU")
+    rep.add_argument("schedule", help="the file `record` wrote")
+    rep.add_argument("--config", default="benchmarks/configs/llama3-8b", help="a model config: attention shapes")
+    rep.add_argument("--every", type=int, default=5, help="time every Nth decode step")
+    rep.add_argument("--programs-per-sm", type=int, default=None, help="override the split-K target")
+    args = parser.parse_args()
+    record(args) if args.command == "record" else replay(args)
+
+
+if __name__ == "__main__":
+    main()
