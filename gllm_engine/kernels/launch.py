@@ -27,7 +27,9 @@ except ImportError:  # a Triton without grid dependency control: no PDL
 
 @functools.cache
 def _supports_pdl(index: int) -> bool:
-    return gdc_wait is not None and torch.cuda.get_device_capability(index)[0] >= 9
+    if gdc_wait is None or torch.version.hip is not None:  # grid dependency control is NVIDIA's (sm_90+)
+        return False
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def pdl_args(device: torch.device) -> dict:
