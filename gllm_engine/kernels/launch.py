@@ -25,15 +25,17 @@ except ImportError:  # a Triton without grid dependency control: no PDL
     gdc_launch_dependents = gdc_wait = None
 
 
-@functools.cache
 def _supports_pdl(index: int) -> bool:
     if gdc_wait is None or torch.version.hip is not None:  # grid dependency control is NVIDIA's (sm_90+)
         return False
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+@functools.cache
 def pdl_args(device: torch.device) -> dict:
-    """The `PDL` constexpr and launch option for a kernel on `device`: on for CUDA devices of sm_90 and newer."""
+    """The `PDL` constexpr and launch option for a kernel on `device`: on for CUDA devices of sm_90 and newer.
+
+    Cached per device (every decode-step launch asks); callers only unpack the dict."""
     if INTERPRETED or device.type != "cuda":
         return {"PDL": False}
     if not _supports_pdl(torch.cuda.current_device() if device.index is None else device.index):
