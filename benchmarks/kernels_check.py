@@ -199,6 +199,20 @@ def check_silu_and_mul(kn: Kernels, tokens: int, dtype: torch.dtype, device: tor
                gbps(3 * tokens * INTERMEDIATE * x.element_size(), us))
 
 
+def rotary_inputs(tokens: int, dtype: torch.dtype, device: torch.device):
+    """Random positions, Llama-3's cos|sin table `[max_pos, D]` (float32), distinct cache slots and
+    four zeroed `[NB, BS, Hkv, D]` caches (k and v for the kernel, k and v for its reference)."""
+    positions = torch.randint(0, MAX_POSITIONS, (tokens,), device=device)
+    inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, HEAD_DIM, 2, device=device).float() / HEAD_DIM))
+    freqs = torch.arange(MAX_POSITIONS, device=device).float()[:, None] * inv_freq[None, :]
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    num_blocks = -(-tokens // BLOCK_SIZE) + 16
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, device=device)[:tokens]
+    caches = [torch.zeros(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
+              for _ in range(4)]
+    return positions, cos_sin, slots, caches
+
+
 def check_rotary_write_kv(kn: Kernels, tokens: int, qk_norm: bool, dtype: torch.dtype, device: torch.device) -> Row:
     q_size, kv_size = NUM_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM
     qkvs = [torch.randn(tokens, q_size + 2 * kv_size, dtype=dtype, device=device)]
@@ -209,14 +223,7 @@ def check_rotary_write_kv(kn: Kernels, tokens: int, qk_norm: bool, dtype: torch.
         return [q.view(tokens, NUM_HEADS, HEAD_DIM), k.view(tokens, NUM_KV_HEADS, HEAD_DIM),
                 v.view(tokens, NUM_KV_HEADS, HEAD_DIM)]
 
-    positions = torch.randint(0, MAX_POSITIONS, (tokens,), device=device)
-    inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, HEAD_DIM, 2, device=device).float() / HEAD_DIM))
-    freqs = torch.arange(MAX_POSITIONS, device=device).float()[:, None] * inv_freq[None, :]
-    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [max_pos, D] float32
-    num_blocks = -(-tokens // BLOCK_SIZE) + 16
-    slots = torch.randperm(num_blocks * BLOCK_SIZE, device=device)[:tokens]
-    caches = [torch.zeros(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
-              for _ in range(4)]
+    positions, cos_sin, slots, caches = rotary_inputs(tokens, dtype, device)
     weights = tuple((1 + 0.1 * torch.randn(HEAD_DIM, device=device)).to(dtype) for _ in range(2)) if qk_norm else None
     args = [[*views(qkvs[i]), positions, cos_sin, caches[2 * i], caches[2 * i + 1], slots, weights, RMS_EPS]
             for i in range(2)]
@@ -255,6 +262,30 @@ def check_gated_linear(kn: Kernels, rows: int, dtype: torch.dtype, device: torch
     ref_us = graph_us(lambda: kn.ref.silu_and_mul(F.linear(x, weight)))
     return Row("skinny_linear gate_up+silu", f"M={rows} N={2 * INTERMEDIATE} K={HIDDEN}", err, ok, us, ref_us,
                gbps(weight.numel() * weight.element_size(), us))
+
+
+def check_qkv_rotary(kn: Kernels, rows: int, dtype: torch.dtype, device: torch.device) -> Row:
+    """The qkv projection with its rotary and KV-cache store in one skinny kernel, against the path it
+    replaces: the skinny projection, then `rotary_write_kv` on its views (both in CUDA graphs)."""
+    q_size, kv_size = NUM_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM
+    x = torch.randn(rows, HIDDEN, dtype=dtype, device=device)
+    weight = torch.randn(q_size + 2 * kv_size, HIDDEN, dtype=dtype, device=device) * HIDDEN**-0.5
+    positions, cos_sin, slots, caches = rotary_inputs(rows, dtype, device)
+    args = [(NUM_HEADS, NUM_KV_HEADS, positions, cos_sin, caches[2 * i], caches[2 * i + 1], slots) for i in range(2)]
+    out = kn.linear.qkv_rotary_write_kv(x, weight, None, *args[0])
+    expected = kn.ref.qkv_rotary_write_kv(x, weight, None, *args[1])
+    errs = [compare(got, want) for got, want in ((out, expected), (caches[0], caches[2]), (caches[1], caches[3]))]
+
+    def unfused() -> None:
+        q, k, v = kn.linear.skinny_linear(x, weight).split([q_size, kv_size, kv_size], dim=-1)
+        kn.rotary.rotary_write_kv(q.view(rows, NUM_HEADS, HEAD_DIM), k.view(rows, NUM_KV_HEADS, HEAD_DIM),
+                                  v.view(rows, NUM_KV_HEADS, HEAD_DIM), positions, cos_sin, caches[2], caches[3],
+                                  slots)
+
+    us = graph_us(lambda: kn.linear.qkv_rotary_write_kv(x, weight, None, *args[0]))
+    ref_us = graph_us(unfused)
+    return Row("skinny_linear qkv+rotary", f"M={rows} N={weight.shape[0]} K={HIDDEN}", max(e for e, _ in errs),
+               all(ok for _, ok in errs), us, ref_us, gbps(weight.numel() * weight.element_size(), us))
 
 
 def check_argmax(kn: Kernels, rows: int, device: torch.device) -> Row:
@@ -327,6 +358,7 @@ def main() -> None:
 
     for rows in LINEAR_ROWS:
         cases.append((f"skinny_linear gate_up+silu M={rows}", partial(check_gated_linear, kn, rows, dtype, device)))
+        cases.append((f"skinny_linear qkv+rotary M={rows}", partial(check_qkv_rotary, kn, rows, dtype, device)))
     for rows in ARGMAX_ROWS:
         cases.append((f"argmax B={rows}", partial(check_argmax, kn, rows, device)))
 

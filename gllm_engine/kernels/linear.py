@@ -6,7 +6,10 @@ unused on some shapes and adds a split-K reduce kernel on others. Here every pro
 reads the weight exactly once. Other shapes and dtypes go to `F.linear`.
 
 A gate-up projection can take the MLP's SiLU-and-mul in the same kernel (`linear_silu_and_mul`):
-each program then streams matching gate and up rows and writes only `silu(gate) * up`.
+each program then streams matching gate and up rows and writes only `silu(gate) * up`. Likewise a
+qkv projection can take the rotary embedding and the KV-cache store (`qkv_rotary_write_kv`): each
+program streams the weight rows of matching columns of both halves of one head, rotates them as
+`rotary.rotary_write_kv` does and stores k and v in the paged cache.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import triton.language as tl
 from gllm_engine.kernels.activation import silu_and_mul
 from gllm_engine.kernels.dot import dot_args
 from gllm_engine.kernels.launch import pdl_args, pdl_wait
+from gllm_engine.kernels.rotary import rotary_write_kv
 
 SKINNY_MAX_ROWS = 16  # the row tile: the smallest `tl.dot` operand
 # Fewer output features give too few programs to stream the weight at full bandwidth: cuBLAS then.
@@ -61,6 +65,25 @@ def _load_w(w_rows, k0, k, K, EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
     return w.to(tl.float32) if UPCAST_DOT else w
 
 
+@triton.jit
+def _stream_rows(x_rows, w_rows, w2_rows, m_mask, K, TWO: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """The input rows times the weight rows at `w_rows` `[BLOCK_N]` (and, with TWO, at `w2_rows`):
+    float32 `[BLOCK_M, BLOCK_N]` each (the second is zeros without TWO)."""
+    k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = _load_x(x_rows, k0, k, m_mask, K, EVEN_K, UPCAST_DOT)
+        acc += tl.dot(x, tl.trans(_load_w(w_rows[:, None], k0, k, K, EVEN_K, UPCAST_DOT)),
+                      input_precision=DOT_PRECISION)
+        if TWO:
+            acc2 += tl.dot(x, tl.trans(_load_w(w2_rows[:, None], k0, k, K, EVEN_K, UPCAST_DOT)),
+                           input_precision=DOT_PRECISION)
+    return acc, acc2
+
+
 @triton.jit(do_not_specialize=["M"])
 def _skinny_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                    HAS_BIAS: tl.constexpr, GATED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -68,22 +91,13 @@ def _skinny_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_w
                    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
-    k = tl.arange(0, BLOCK_K)
     n_mask = n < N
     m_mask = m < M
-    x_rows = x_ptr + m[:, None] * stride_xm
     w_row = w_ptr + tl.where(n_mask, n, 0).to(tl.int64) * stride_wn  # [BLOCK_N]; rows past N re-read row 0
-    up_row = w_row + N * stride_wn  # GATED: rows N.. of the weight are the up projection
     pdl_wait(PDL)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = _load_x(x_rows, k0, k, m_mask, K, EVEN_K, UPCAST_DOT)
-        acc += tl.dot(x, tl.trans(_load_w(w_row[:, None], k0, k, K, EVEN_K, UPCAST_DOT)),
-                      input_precision=DOT_PRECISION)
-        if GATED:
-            up += tl.dot(x, tl.trans(_load_w(up_row[:, None], k0, k, K, EVEN_K, UPCAST_DOT)),
-                         input_precision=DOT_PRECISION)
+    # GATED: rows N.. of the weight are the up projection
+    acc, up = _stream_rows(x_ptr + m[:, None] * stride_xm, w_row, w_row + N * stride_wn, m_mask, K, GATED, EVEN_K,
+                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if GATED:
@@ -93,6 +107,53 @@ def _skinny_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_w
         gate = acc.to(dtype).to(tl.float32)
         acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
     tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(dtype), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _qkv_rotary_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, pos_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                       M, K, stride_xm, stride_wn, stride_om, stride_cos, stride_cb, stride_ct, stride_ch,
+                       stride_vcb, stride_vct, stride_vch, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+                       UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+    # program: columns j of the first half of one head (q heads, then k, then v) and the same of the second
+    HALF: tl.constexpr = HEAD_DIM // 2
+    head = tl.program_id(0) // (HALF // BLOCK_P)
+    j = (tl.program_id(0) % (HALF // BLOCK_P)) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n1 = head * HEAD_DIM + j
+    n2 = n1 + HALF
+    m = tl.arange(0, BLOCK_M)
+    m_mask = m < M
+    pdl_wait(PDL)
+    x1, x2 = _stream_rows(x_ptr + m[:, None] * stride_xm, w_ptr + n1.to(tl.int64) * stride_wn,
+                          w_ptr + n2.to(tl.int64) * stride_wn, m_mask, K, True, EVEN_K, BLOCK_M, BLOCK_P, BLOCK_K,
+                          UPCAST_DOT, DOT_PRECISION)
+    if HAS_BIAS:
+        x1 += tl.load(bias_ptr + n1).to(tl.float32)[None, :]
+        x2 += tl.load(bias_ptr + n2).to(tl.float32)[None, :]
+    dtype = out_ptr.dtype.element_ty
+    y1, y2 = x1.to(dtype), x2.to(dtype)  # the projection's output, rounded as the unfused kernels round it
+    if head < NUM_Q_HEADS + NUM_KV_HEADS:  # q and k: rotated at each row's position
+        pos = tl.load(pos_ptr + m, mask=m_mask, other=0).to(tl.int64)
+        cos_ptr = cos_sin_ptr + pos[:, None] * stride_cos + j[None, :]
+        cos = tl.load(cos_ptr, mask=m_mask[:, None], other=0.0).to(tl.float32)
+        sin = tl.load(cos_ptr + HALF, mask=m_mask[:, None], other=0.0).to(tl.float32)
+        r1, r2 = y1.to(tl.float32), y2.to(tl.float32)
+        y1, y2 = (r1 * cos - r2 * sin).to(dtype), (r2 * cos + r1 * sin).to(dtype)
+    out = out_ptr + m[:, None] * stride_om
+    tl.store(out + n1[None, :], y1, mask=m_mask[:, None])
+    tl.store(out + n2[None, :], y2, mask=m_mask[:, None])
+    if head >= NUM_Q_HEADS:  # k and v: into the paged cache at each row's slot (negative: padding)
+        slot = tl.load(slot_ptr + m, mask=m_mask, other=-1).to(tl.int64)
+        page, row = tl.maximum(slot, 0) // PAGE_SIZE, tl.maximum(slot, 0) % PAGE_SIZE
+        kv_head = head - NUM_Q_HEADS
+        if kv_head < NUM_KV_HEADS:
+            cache = k_cache_ptr + page * stride_cb + row * stride_ct + kv_head * stride_ch
+        else:
+            cache = v_cache_ptr + page * stride_vcb + row * stride_vct + (kv_head - NUM_KV_HEADS) * stride_vch
+        cache_mask = (slot >= 0)[:, None]
+        tl.store(cache[:, None] + j[None, :], y1, mask=cache_mask)
+        tl.store(cache[:, None] + HALF + j[None, :], y2, mask=cache_mask)
 
 
 def uses_skinny_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -139,3 +200,55 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if uses_skinny_kernel(x, weight) and weight.shape[0] % 2 == 0:
         return skinny_linear(x, weight, bias, gated=True)
     return silu_and_mul(linear(x, weight, bias))
+
+
+def qkv_rotary_config(out_features: int, head_dim: int) -> SkinnyTiles:
+    """Tiles of the fused qkv kernel: `skinny_config`'s, with `block_n` (rows of both halves of a head)
+    narrowed until half of it divides head_dim / 2."""
+    tiles = skinny_config(out_features)
+    block_n = tiles.block_n
+    while (head_dim // 2) % (block_n // 2):
+        block_n //= 2
+    return tiles._replace(block_n=block_n)
+
+
+def qkv_rotary_write_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_q_heads: int,
+                        num_kv_heads: int, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                        qk_norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        eps: float = 0.0) -> torch.Tensor:
+    """`reference.qkv_rotary_write_kv`: the projection, rotary and cache store in one skinny kernel where
+    `uses_skinny_kernel` says so and no per-head norm comes first; else `linear`, then `rotary_write_kv`."""
+    head_dim = k_cache.shape[-1]
+    if (qk_norm_weights is None and uses_skinny_kernel(x, weight) and head_dim % 32 == 0
+            and k_cache.dtype == v_cache.dtype == x.dtype and k_cache.stride(-1) == v_cache.stride(-1) == 1
+            and cos_sin_cache.stride(-1) == 1):
+        return _skinny_qkv_rotary(x, weight, bias, num_q_heads, num_kv_heads, positions, cos_sin_cache, k_cache,
+                                  v_cache, slot_mapping)
+    qkv = linear(x, weight, bias)
+    q, k, v = qkv.split([num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    rotary_write_kv(q.view(-1, num_q_heads, head_dim), k.view(-1, num_kv_heads, head_dim),
+                    v.view(-1, num_kv_heads, head_dim), positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                    qk_norm_weights, eps)
+    return qkv
+
+
+def _skinny_qkv_rotary(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_q_heads: int,
+                       num_kv_heads: int, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    rows, in_features = x.shape
+    head_dim = k_cache.shape[-1]
+    heads = num_q_heads + 2 * num_kv_heads
+    assert weight.shape == (heads * head_dim, in_features) and cos_sin_cache.shape[-1] == head_dim
+    out = torch.empty((rows, weight.shape[0]), dtype=x.dtype, device=x.device)
+    tiles = qkv_rotary_config(weight.shape[0], head_dim)
+    block_p = tiles.block_n // 2  # a program streams block_p rows of each half of a head
+    _qkv_rotary_kernel[(heads * (head_dim // 2 // block_p),)](
+        x, weight, bias if bias is not None else weight, out, positions, cos_sin_cache, k_cache, v_cache,
+        slot_mapping, rows, in_features, x.stride(0), weight.stride(0), out.stride(0), cos_sin_cache.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        PAGE_SIZE=k_cache.shape[1], HAS_BIAS=bias is not None, EVEN_K=in_features % tiles.block_k == 0,
+        BLOCK_M=SKINNY_MAX_ROWS, BLOCK_P=block_p, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages, **dot_args(x.dtype), **pdl_args(x.device))
+    return out

@@ -164,6 +164,22 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     return q
 
 
+def qkv_rotary_write_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_q_heads: int,
+                        num_kv_heads: int, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                        qk_norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        eps: float = 0.0) -> torch.Tensor:
+    """A layer's qkv projection `[T, (Hq + 2 Hkv) D]` of `x`, through `rotary_write_kv`: q and k in it
+    normalized (with `qk_norm_weights`) and rotated, k and v stored in the caches."""
+    qkv = F.linear(x, weight, bias)
+    head_dim = k_cache.shape[-1]
+    q, k, v = qkv.split([num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    rotary_write_kv(q.view(-1, num_q_heads, head_dim), k.view(-1, num_kv_heads, head_dim),
+                    v.view(-1, num_kv_heads, head_dim), positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                    qk_norm_weights, eps)
+    return qkv
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, remote_pairs: bool = False) -> torch.Tensor:
     """Each token of `x` `[T, H]` through its top-k experts, summed with the routing weights: `[T, H]`.

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gllm_engine.layers.linear import QKVParallelLinear
 from gllm_engine.layers.norm import RMSNorm
 from gllm_engine.layers.ops import REFERENCE_OPS, KernelOps
 from gllm_engine.layers.rotary import RotaryEmbedding
@@ -53,7 +54,8 @@ def prefill_tile_map(query_lens: np.ndarray, seq_lens: np.ndarray, block_m: int,
 
 
 class Attention(nn.Module):
-    """Rotates this step's q and k, stores k/v in the layer's cache blocks, then attends over each request's context."""
+    """Projects this step's tokens to q, k and v, rotates q and k, stores k/v in the layer's cache blocks, then
+    attends over each request's context."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary: RotaryEmbedding,
                  ops: KernelOps = REFERENCE_OPS):
@@ -66,16 +68,15 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, qkv_proj: QKVParallelLinear,
                 meta: AttentionMetadata, qk_norm: tuple[RMSNorm, RMSNorm] | None = None) -> torch.Tensor:
-        """q `[T, Hq * D]`, k and v `[T, Hkv * D]` (views into a fused qkv buffer do; q and k are updated
-        in place); with `qk_norm` (Qwen3) q and k are first normalized per head. Returns `[T, Hq * D]`."""
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        """Projects `x` `[T, H]` to q, k and v by `qkv_proj`; with `qk_norm` (Qwen3) q and k are first
+        normalized per head. Returns `[T, Hq * D]`."""
         norm_weights, eps = ((qk_norm[0].weight, qk_norm[1].weight), qk_norm[0].eps) if qk_norm else (None, 0.0)
-        self.ops.rotary_write_kv(q, k, v, positions, self.rotary.cos_sin_cache, self.k_cache, self.v_cache,
-                                 meta.slot_mapping, norm_weights, eps)
+        qkv = self.ops.qkv_rotary_write_kv(x, qkv_proj.weight, qkv_proj.bias, self.num_heads, self.num_kv_heads,
+                                           positions, self.rotary.cos_sin_cache, self.k_cache, self.v_cache,
+                                           meta.slot_mapping, norm_weights, eps)
+        q = qkv[:, :self.num_heads * self.head_dim].view(-1, self.num_heads, self.head_dim)
         out = torch.empty_like(q)
         rows = meta.decode_seq_lens.shape[0]
         if rows:

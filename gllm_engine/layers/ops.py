@@ -26,7 +26,7 @@ class KernelOps:
     paged_decode_attention: Callable
     rms_norm: Callable
     linear_silu_and_mul: Callable
-    rotary_write_kv: Callable
+    qkv_rotary_write_kv: Callable
     argmax: Callable
 
 
@@ -38,7 +38,7 @@ REFERENCE_OPS = KernelOps(
     paged_decode_attention=reference.paged_decode_attention,
     rms_norm=reference.rms_norm,
     linear_silu_and_mul=reference.linear_silu_and_mul,
-    rotary_write_kv=reference.rotary_write_kv,
+    qkv_rotary_write_kv=reference.qkv_rotary_write_kv,
     argmax=reference.argmax,
 )
 
@@ -52,7 +52,7 @@ def select_ops(device: torch.device, use_reference_kernels: bool = False, attent
     """
     if device.type != "cuda" or use_reference_kernels:
         return REFERENCE_OPS
-    from gllm_engine.kernels import attention, flash, linear, norm, rotary, sampling
+    from gllm_engine.kernels import attention, flash, linear, norm, sampling
 
     flash_attn = attention_backend == "flash-attn"
     return KernelOps(
@@ -63,6 +63,6 @@ def select_ops(device: torch.device, use_reference_kernels: bool = False, attent
         paged_decode_attention=flash.paged_decode_attention if flash_attn else attention.paged_decode_attention,
         rms_norm=norm.rms_norm,
         linear_silu_and_mul=linear.linear_silu_and_mul,
-        rotary_write_kv=rotary.rotary_write_kv,
+        qkv_rotary_write_kv=linear.qkv_rotary_write_kv,
         argmax=sampling.argmax,
     )

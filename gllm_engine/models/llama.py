@@ -53,7 +53,6 @@ class DecoderAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, head_dim, cfg.num_attention_heads,
                                           cfg.num_key_value_heads, bias=flags.qkv_bias, tp=tp, ops=ops)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, cfg.hidden_size,
                                         bias=flags.o_bias, tp=tp, ops=ops)
         self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps, ops) if flags.qk_norm else None
@@ -62,10 +61,8 @@ class DecoderAttention(nn.Module):
                               RotaryEmbedding(head_dim, max_positions, rope_parameters(cfg)), ops)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         qk_norm = (self.q_norm, self.k_norm) if self.q_norm is not None else None
-        return self.o_proj(self.attn(positions, q, k, v, meta, qk_norm))
+        return self.o_proj(self.attn(positions, x, self.qkv_proj, meta, qk_norm))
 
 
 class DecoderMLP(nn.Module):

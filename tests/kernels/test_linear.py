@@ -1,5 +1,5 @@
-"""The skinny (few-row) matmul kernel vs `F.linear` (plain, and with the SiLU-and-mul of a gate-up
-projection fused), and when `linear` picks it."""
+"""The skinny (few-row) matmul kernel vs `F.linear` (plain, with the SiLU-and-mul of a gate-up
+projection fused, and with a qkv projection's rotary and KV-cache store fused), and when `linear` picks it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gllm_engine.kernels import linear, reference
+from gllm_engine.kernels import linear, reference, rotary
 
 
 def _randn(*shape: int, dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
@@ -75,3 +75,67 @@ def test_linear_takes_the_skinny_kernel_only_for_few_rows_of_wide_16_bit_outputs
     x = _randn(2, 64, dtype=torch.float32, device=device, seed=5)
     w = _randn(8, 64, dtype=torch.float32, device=device, seed=6)
     assert torch.equal(linear.linear(x, w), F.linear(x, w))  # everything else is F.linear itself
+
+
+def _cos_sin_cache(max_pos: int, head_dim: int, device: torch.device) -> torch.Tensor:
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.arange(max_pos).float()[:, None] * inv_freq[None, :]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
+
+
+# (head_dim, q heads, KV heads), each (Hq + 2 Hkv) * D >= SKINNY_MIN_FEATURES: two programs per head
+# (128), one (64), and three narrower ones (96: 16 columns of each half per program)
+@pytest.mark.parametrize("heads", [(128, 24, 4), (64, 56, 4), (96, 40, 2)], ids=lambda h: "x".join(map(str, h)))
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("in_features", [80, 128])  # ragged and even K
+def test_qkv_rotary_write_kv_fuses_projection_rotation_and_cache_store(in_features, with_bias, heads, device,
+                                                                        assert_matches):
+    head_dim, num_q_heads, num_kv_heads = heads
+    dtype, rows, num_blocks, block_size = torch.bfloat16, 5, 3, 4
+    x = _randn(rows, in_features, dtype=dtype, device=device, seed=20)
+    weight = _randn((num_q_heads + 2 * num_kv_heads) * head_dim, in_features, dtype=dtype, device=device,
+                    seed=21) * 0.2
+    bias = _randn(weight.shape[0], dtype=dtype, device=device, seed=22) if with_bias else None
+    positions = torch.tensor([0, 7, 3, 40, 63], device=device)
+    slots = torch.tensor([3, -1, 0, 11, 7], device=device)  # a padded row: not stored
+    cos_sin = _cos_sin_cache(64, head_dim, device)
+    caches = [torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype, device=device)
+              for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    assert linear.uses_skinny_kernel(x, weight)
+    args = (num_q_heads, num_kv_heads, positions, cos_sin)
+    out = linear.qkv_rotary_write_kv(x, weight, bias, *args, *caches, slots)
+    expected = reference.qkv_rotary_write_kv(x, weight, bias, *args, *ref_caches, slots)
+    assert_matches(out, expected)
+    for got, want in zip(caches, ref_caches):
+        torch.testing.assert_close(got.float().cpu(), want.float().cpu(), atol=3e-2, rtol=3e-2, equal_nan=True)
+    # the cache holds exactly the k and v of the output, and only at the stored slots
+    q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
+    stored = slots >= 0
+    for cache, part in zip(caches, out[:, q_size:].split(kv_size, dim=-1)):
+        flat = cache.view(-1, num_kv_heads, head_dim)
+        assert torch.equal(flat[slots[stored]], part[stored].reshape(-1, num_kv_heads, head_dim))
+        assert flat.isnan().all(-1).all(-1).sum() == flat.shape[0] - int(stored.sum())
+
+
+def test_qkv_rotary_write_kv_with_qk_norm_takes_the_unfused_kernels(device):
+    """A per-head norm before the rotation (Qwen3) is the projection, then `rotary_write_kv`."""
+    head_dim, num_q_heads, num_kv_heads, rows = 128, 24, 4, 2
+    x = _randn(rows, 64, dtype=torch.bfloat16, device=device, seed=23)
+    weight = _randn((num_q_heads + 2 * num_kv_heads) * head_dim, 64, dtype=torch.bfloat16, device=device,
+                    seed=24) * 0.2
+    norms = tuple(_randn(head_dim, dtype=torch.bfloat16, device=device, seed=25 + i) for i in range(2))
+    positions, slots = torch.tensor([1, 9], device=device), torch.tensor([0, 5], device=device)
+    cos_sin = _cos_sin_cache(16, head_dim, device)
+    caches = [torch.zeros(2, 4, num_kv_heads, head_dim, dtype=torch.bfloat16, device=device) for _ in range(2)]
+    out = linear.qkv_rotary_write_kv(x, weight, None, num_q_heads, num_kv_heads, positions, cos_sin, *caches,
+                                     slots, norms, 1e-6)
+    unfused = linear.skinny_linear(x, weight)
+    unfused_caches = [torch.zeros_like(c) for c in caches]
+    q, k, v = unfused.split([num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    rotary.rotary_write_kv(q.view(rows, num_q_heads, head_dim), k.view(rows, num_kv_heads, head_dim),
+                           v.view(rows, num_kv_heads, head_dim), positions, cos_sin, *unfused_caches, slots, norms,
+                           1e-6)
+    assert torch.equal(out, unfused)
+    for got, want in zip(caches, unfused_caches):
+        assert torch.equal(got, want)

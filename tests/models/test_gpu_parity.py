@@ -29,19 +29,22 @@ def match_rate(ours: list[list[int]], ref: list[list[int]]) -> float:
     return agreed / total
 
 
-# A wide MLP and vocabulary: gate-up (8,192 outputs) and the LM head take the skinny matmul in decode steps.
-WIDE = {"intermediate_size": 4096, "vocab_size": 8192}
+# Wide attention, MLP and vocabulary: qkv (with its rotary and cache store, 4,096 outputs), gate-up (8,192)
+# and the LM head take the skinny matmul in decode steps.
+WIDE = {"num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 4096,
+        "vocab_size": 8192}
 
 
 @pytest.mark.parametrize(("arch", "wide"), [pytest.param(arch, False, id=arch) for arch in ARCHS]
                          + [pytest.param("LlamaForCausalLM", True, id="LlamaForCausalLM-wide")])
 @pytest.mark.parametrize("enforce_eager", [True, False])
 def test_bf16_greedy_match_rate_against_transformers(arch, wide, enforce_eager, tmp_path, record_property):
-    shape = {"intermediate_size": 512, **(WIDE if wide else {})}
-    if wide:  # gate-up's and the LM head's outputs are wide enough for the skinny kernel to take them
-        assert min(2 * WIDE["intermediate_size"], WIDE["vocab_size"]) >= SKINNY_MIN_FEATURES
-    path = make_tiny_model_dir(arch, tmp_path, with_tokenizer=False, hidden_size=256, num_hidden_layers=4,
-                               num_attention_heads=8, num_key_value_heads=2, head_dim=32, **shape)
+    shape = {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 512,
+             **(WIDE if wide else {})}
+    if wide:  # qkv's, gate-up's and the LM head's outputs are wide enough for the skinny kernel to take them
+        qkv = (WIDE["num_attention_heads"] + 2 * WIDE["num_key_value_heads"]) * WIDE["head_dim"]
+        assert min(qkv, 2 * WIDE["intermediate_size"], WIDE["vocab_size"]) >= SKINNY_MIN_FEATURES
+    path = make_tiny_model_dir(arch, tmp_path, with_tokenizer=False, hidden_size=256, num_hidden_layers=4, **shape)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, hf.config.vocab_size, (8 + 13 * i,), generator=g).tolist() for i in range(8)]
