@@ -142,3 +142,13 @@ def serve_app(app: Any) -> Iterator[str]:
 def table_cells(line: str) -> list[str]:
     """The cells of one row of a rich table as printed (box-drawn, no colour)."""
     return [c.strip() for c in line.strip().strip("│").split("│")]
+
+
+def run_scheduled_step(sched: Any, token: int) -> Any:
+    """Schedule a step of `sched` (a `Scheduler`), pretend it ran: every sequence that samples gets `token`."""
+    plan = sched.schedule()
+    for s in plan.scheduled:
+        if s.samples:
+            s.seq.num_pending -= 1
+            s.seq.token_ids.append(token)
+    return plan

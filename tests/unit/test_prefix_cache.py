@@ -10,6 +10,7 @@ from gllm_engine.core.kv_cache import KVCacheManager
 from gllm_engine.core.request import Request
 from gllm_engine.core.scheduler import Scheduler
 from gllm_engine.sampling_params import SamplingParams
+from tests.helpers import run_scheduled_step
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, budget: int = 64, max_num_seqs: int = 8):
@@ -22,12 +23,7 @@ def make_seq(tokens: list[int], rid: str = "r", n: int = 1, cache_salt: str | No
 
 
 def step(sched: Scheduler, token: int = 99):
-    plan = sched.schedule()
-    for s in plan.scheduled:
-        if s.samples:
-            s.seq.num_pending -= 1
-            s.seq.token_ids.append(token)
-    return plan
+    return run_scheduled_step(sched, token)
 
 
 def check_accounting(sched: Scheduler, live) -> None:

@@ -9,6 +9,7 @@ from gllm_engine.core.kv_cache import BlockPool, KVCacheManager
 from gllm_engine.core.request import Request
 from gllm_engine.core.scheduler import Scheduler
 from gllm_engine.sampling_params import SamplingParams
+from tests.helpers import run_scheduled_step
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
@@ -23,13 +24,7 @@ def make_seq(prompt_len: int, rid: str = "r"):
 
 
 def run_step(sched: Scheduler, token: int = 7):
-    """Schedule, pretend to run, append one sampled token to every sequence that samples."""
-    plan = sched.schedule()
-    for s in plan.scheduled:
-        if s.samples:
-            s.seq.num_pending -= 1
-            s.seq.token_ids.append(token)
-    return plan
+    return run_scheduled_step(sched, token)
 
 
 def test_prefill_then_decodes_first():
