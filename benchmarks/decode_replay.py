@@ -100,8 +100,9 @@ def replay(args: argparse.Namespace) -> None:
     sampled = recorded["decode_steps"][::args.every]
     sizes = capture_sizes(max_num_seqs)
     num_blocks = max(sum(-(-c // block_size) for c in lens) for lens in sampled) + 1
-    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
-    v_cache = torch.randn_like(k_cache)
+    cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else dtype
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device=device).to(cache_dtype)
+    v_cache = torch.randn_like(k_cache, dtype=torch.float32).to(cache_dtype)
     width = -(-max(max(lens) for lens in sampled) // block_size)
     gen = torch.Generator().manual_seed(0)
     token_bytes = 2 * num_kv_heads * head_dim * k_cache.element_size()  # K and V of one token, one layer
@@ -130,7 +131,7 @@ def replay(args: argparse.Namespace) -> None:
 
     table = Table(title=f"Decode attention over {len(sampled)} of {len(recorded['decode_steps'])} decode steps "
                         f"({torch.cuda.get_device_name(device)}, Hq={num_heads} Hkv={num_kv_heads} D={head_dim}, "
-                        f"{layers} layers)")
+                        f"{layers} layers, KV cache {str(cache_dtype).removeprefix('torch.')})")
     for column in ("batch", "steps timed", "seconds (all steps, all layers)", "KV read (TB)", "TB/s"):
         table.add_column(column, justify="right")
     scale = args.every * layers
@@ -167,6 +168,7 @@ def main() -> None:
     rep.add_argument("--config", default="benchmarks/configs/llama3-8b", help="a model config: attention shapes")
     rep.add_argument("--every", type=int, default=5, help="time every Nth decode step")
     rep.add_argument("--programs-per-sm", type=int, default=None, help="override the split-K target")
+    rep.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"), help="auto: bfloat16")
     args = parser.parse_args()
     record(args) if args.command == "record" else replay(args)
 

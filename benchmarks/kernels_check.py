@@ -38,6 +38,7 @@ SCALE = HEAD_DIM**-0.5
 DECODE_BATCHES = (1, 32, 256)
 DECODE_CONTEXTS = (128, 512, 1024, 4096)
 DECODE_GRAPH_CASES = ((1, 4096), (32, 1024))  # (batch, context) captured in a CUDA graph
+DECODE_FP8_CASES = ((32, 1024), (256, 512), (256, 4096))  # (batch, context) over a float8 cache
 # (requests, new tokens each, tokens already cached each): fresh prompts, then chunked prefill / prefix hits
 PREFILL_CASES = ((1, 128, 0), (1, 1024, 0), (1, 4096, 0), (1, 8192, 0), (8, 1024, 0), (4, 512, 3584),
                  (1, 2048, 2048))
@@ -115,8 +116,12 @@ def paged_cache(num_reqs: int, tokens: int, dtype: torch.dtype, device: torch.de
     return k_cache, v_cache, table
 
 
-def check_decode(kn: Kernels, batch: int, ctx: int, dtype: torch.dtype, device: torch.device, num_sms: int) -> Row:
+def check_decode(kn: Kernels, batch: int, ctx: int, dtype: torch.dtype, device: torch.device, num_sms: int,
+                 fp8_cache: bool = False) -> Row:
+    """Decode attention against the reference; with `fp8_cache` over a float8 e4m3 cache."""
     k_cache, v_cache, table = paged_cache(batch, ctx, dtype, device)
+    if fp8_cache:
+        k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
     q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=dtype, device=device)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
     args = (q, k_cache, v_cache, table, lens, SCALE)
@@ -124,9 +129,10 @@ def check_decode(kn: Kernels, batch: int, ctx: int, dtype: torch.dtype, device: 
     us = bench_us(lambda: kn.attention.paged_decode_attention(*args))
     ref_us = bench_us(lambda: kn.ref.paged_decode_attention(*args))
     splits = kn.attention.decode_num_splits(batch, NUM_KV_HEADS, table.shape[1] * BLOCK_SIZE, num_sms)
-    num_bytes = (batch * ctx * NUM_KV_HEADS * 2 + 2 * batch * NUM_HEADS) * HEAD_DIM * q.element_size()
-    return Row("paged_decode_attention", f"B={batch} ctx={ctx} splits={splits}", err, ok, us, ref_us,
-               gbps(num_bytes, us))
+    num_bytes = (batch * ctx * NUM_KV_HEADS * 2 * k_cache.element_size()
+                 + 2 * batch * NUM_HEADS * q.element_size()) * HEAD_DIM
+    return Row("paged_decode_attention" + (" fp8 KV" if fp8_cache else ""), f"B={batch} ctx={ctx} splits={splits}",
+               err, ok, us, ref_us, gbps(num_bytes, us))
 
 
 def check_decode_graph(kn: Kernels, batch: int, ctx: int, dtype: torch.dtype, device: torch.device) -> Row:
@@ -337,6 +343,9 @@ def main() -> None:
     for batch in pick(DECODE_BATCHES):
         for ctx in pick(DECODE_CONTEXTS):
             cases.append((f"decode B={batch} ctx={ctx}", partial(check_decode, kn, batch, ctx, dtype, device, num_sms)))
+    for batch, ctx in pick(DECODE_FP8_CASES):
+        cases.append((f"decode fp8 KV B={batch} ctx={ctx}",
+                      partial(check_decode, kn, batch, ctx, dtype, device, num_sms, fp8_cache=True)))
     for batch, ctx in pick(DECODE_GRAPH_CASES):
         cases.append((f"decode graph B={batch} ctx={ctx}", partial(check_decode_graph, kn, batch, ctx, dtype, device)))
     for reqs, q_len, cached in PREFILL_CASES[:2] if args.quick else PREFILL_CASES:

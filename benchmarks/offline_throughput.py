@@ -91,7 +91,8 @@ def dummy_gllm(args: argparse.Namespace, config_dir: str) -> Any:
 
     return LLM(config_dir, load_format="dummy", dtype=args.dtype, device=args.device, skip_tokenizer_init=True,
                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-               enforce_eager=args.enforce_eager, async_scheduling=not args.no_async_scheduling, show_progress=False)
+               enforce_eager=args.enforce_eager, async_scheduling=not args.no_async_scheduling,
+               kv_cache_dtype=args.kv_cache_dtype, show_progress=False)
 
 
 def timed_gllm(llm: Any, requests: list[BenchRequest], device: str, use_tqdm: bool = False) -> Row:
@@ -325,6 +326,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=None, help="gLLM (default: the engine's)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="gLLM")
     ap.add_argument("--enforce-eager", action="store_true", help="gLLM: no CUDA graphs")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="gLLM: auto (the model dtype) or fp8")
     ap.add_argument("--no-async-scheduling", action="store_true", help="gLLM: plan a step after the last's tokens")
     ap.add_argument("--max-output-len", type=int, default=None, help="cap output lengths (smoke runs only)")
     ap.add_argument("--transformers-timeout", type=float, default=300.0,
@@ -356,12 +358,14 @@ def main() -> None:
                                     f"{r['completed']}/{r['requests']} requests in {r['seconds']:.1f} s, "
                                     f"{r['output_tokens']} output tokens"), flush=True)
 
-    print_table(rows, f"Offline throughput, ShareGPT, {Path(args.config).name} ({args.dtype}, dummy weights)")
+    print_table(rows, f"Offline throughput, ShareGPT, {Path(args.config).name} ({args.dtype}, gLLM's KV cache "
+                      f"{args.kv_cache_dtype}, dummy weights)")
     if "transformers" in engines and args.device != "cpu":
         print(TRANSFORMERS_H100_REFERENCE)
     if args.output_json:
         workload = dict(requests=len(requests), prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-                        seed=args.seed, config=args.config, dtype=args.dtype, device=args.device)
+                        seed=args.seed, config=args.config, dtype=args.dtype, device=args.device,
+                        kv_cache_dtype=args.kv_cache_dtype)
         Path(args.output_json).write_text(json.dumps({"workload": workload, "results": rows}, indent=2))
     if any("error" in r for r in rows):
         raise SystemExit(1)

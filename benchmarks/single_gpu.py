@@ -143,7 +143,8 @@ def print_report(report: dict[str, Any]) -> None:
     flops, bandwidth = ceil.get("flops"), ceil.get("bandwidth")
     roof = {name: flops / (2 * report["params"][name]) if flops else None for name in ("large", "small")}
     bound_b1 = bandwidth / report["weight_bytes"] if bandwidth else None
-    table = Table(title=f"Single-GPU workloads ({report['device']}, {report['dtype']}, dummy weights)")
+    table = Table(title=f"Single-GPU workloads ({report['device']}, {report['dtype']}, gLLM's KV cache "
+                        f"{report.get('kv_cache_dtype', 'auto')}, dummy weights)")
     for col in ("workload", "engine", "req/s", "output tok/s", "total tok/s", "vs transformers", "% of roofline"):
         table.add_column(col, justify="left" if col in ("workload", "engine") else "right")
 
@@ -201,6 +202,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=None, help="gLLM (default: the engine's)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="gLLM's KV cache: auto (the model dtype) or fp8")
     ap.add_argument("--no-async-scheduling", action="store_true", help="plan each step after the last one's tokens")
     ap.add_argument("--max-output-len", type=int, default=None, help="cap ShareGPT/uniform outputs (smoke runs)")
     ap.add_argument("--transformers-timeout", type=float, default=120.0)
@@ -217,7 +219,8 @@ def main() -> None:
             r.output_len = min(r.output_len, args.max_output_len)
     params = {"large": _params(args.config), "small": _params(args.small_config)}
     itemsize = 4 if args.dtype == "float32" else 2
-    report: dict[str, Any] = dict(device=args.device, dtype=args.dtype, config=args.config,
+    report: dict[str, Any] = dict(device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+                                  config=args.config,
                                   small_config=args.small_config, params=params,
                                   weight_bytes=params["large"] * itemsize, batch1_shape=args.batch1)
     gllm_limit, hf_limit = args.gllm_timeout + STOP_GRACE_S, args.transformers_timeout + STOP_GRACE_S

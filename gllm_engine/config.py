@@ -20,6 +20,8 @@ _DTYPES = {
 }
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 ATTENTION_BACKENDS = ("auto", "triton", "flash-attn")
+# "auto": the model dtype; "fp8" (= "fp8_e4m3"): float8 e4m3, unscaled, values beyond +-448 saturate
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 DEFAULT_BLOCK_SIZE = 16
 # Default KV-cache budget on the CPU, in GiB (the CPU has no memory profiling pass).
 DEFAULT_CPU_KV_CACHE_GIB = 4.0
@@ -65,6 +67,11 @@ class CacheConfig:
     num_gpu_blocks_override: int | None = None
     cpu_kv_cache_gib: float = DEFAULT_CPU_KV_CACHE_GIB
     enable_prefix_caching: bool = True
+    kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype
+
+    def dtype_for(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the KV cache is stored in for a model computing in `model_dtype`."""
+        return self.kv_cache_dtype or model_dtype
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,7 @@ class EngineConfig:
         num_gpu_blocks_override: int | None = None,
         cpu_kv_cache_gib: float = DEFAULT_CPU_KV_CACHE_GIB,
         enable_prefix_caching: bool = True,
+        kv_cache_dtype: str = "auto",
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
         enable_chunked_prefill: bool = True,
@@ -181,6 +189,9 @@ class EngineConfig:
         if attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                               f"got {attention_backend!r}")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+        cache_dtype = None if kv_cache_dtype == "auto" else torch.float8_e4m3fn
         if max_num_seqs is None:
             max_num_seqs = GPU_MAX_NUM_SEQS if torch_device.type == "cuda" else DEFAULT_MAX_NUM_SEQS
         for name, value in (("block_size", DEFAULT_BLOCK_SIZE if block_size is None else block_size),
@@ -215,7 +226,8 @@ class EngineConfig:
         _check_expert_parallel_fit(hf_config, tensor_parallel_size, expert_parallel_size)
         torch_dtype = _resolve_dtype(dtype, hf_config, torch_device)
         attention_backend = resolve_attention_backend(attention_backend, torch_device, torch_dtype,
-                                                      use_reference_kernels, flash.is_available())
+                                                      use_reference_kernels, flash.is_available(),
+                                                      fp8_kv_cache=cache_dtype is not None)
         block_size = _resolve_block_size(block_size, attention_backend)
 
         derived_len = _derived_max_model_len(hf_config)
@@ -241,7 +253,7 @@ class EngineConfig:
             cache=CacheConfig(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                               num_gpu_blocks_override=num_gpu_blocks_override,
                               cpu_kv_cache_gib=cpu_kv_cache_gib,
-                              enable_prefix_caching=enable_prefix_caching),
+                              enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=cache_dtype),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len,
@@ -320,17 +332,20 @@ def _resolve_device(device: str) -> torch.device:
 
 
 def resolve_attention_backend(requested: str, device: torch.device, dtype: torch.dtype,
-                              use_reference_kernels: bool, flash_attn_installed: bool) -> str:
+                              use_reference_kernels: bool, flash_attn_installed: bool,
+                              fp8_kv_cache: bool = False) -> str:
     """"triton" or "flash-attn" for `requested` ("auto": flash-attn where it can run and is installed).
 
-    flash-attn runs on CUDA in float16/bfloat16 and not with the reference kernels forced; off CUDA,
-    "triton" means the engine's own kernels, i.e. the torch references there.
+    flash-attn runs on CUDA in float16/bfloat16 with a cache of that dtype, and not with the reference
+    kernels forced; off CUDA, "triton" means the engine's own kernels, i.e. the torch references there.
     """
-    usable = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not use_reference_kernels
+    usable = (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not use_reference_kernels
+              and not fp8_kv_cache)
     if requested == "flash-attn":
         if not usable:
-            raise ConfigError("attention_backend flash-attn needs a CUDA device, float16 or bfloat16 and the "
-                              f"Triton kernels (got {device.type}, {str(dtype).removeprefix('torch.')}"
+            raise ConfigError("attention_backend flash-attn needs a CUDA device, float16 or bfloat16, a KV cache "
+                              f"of that dtype and the Triton kernels (got {device.type}, "
+                              f"{str(dtype).removeprefix('torch.')}{', an fp8 KV cache' if fp8_kv_cache else ''}"
                               f"{', reference kernels' if use_reference_kernels else ''})")
         if not flash_attn_installed:
             raise ConfigError("attention_backend flash-attn needs the flash-attn package "

@@ -3,8 +3,9 @@
 Torch references with the same signatures and semantics: `gllm_engine.kernels.reference`. The cache
 of one layer is two `[NB, BS, Hkv, D]` tensors; context token p of request b lives in block
 `block_tables[b, p // BS]`, row `p % BS`. The kernels look up the block of every token they load, so
-any block size works, and they never load a cache row at or past `seq_lens[b]`. The cache is written
-by `rotary.rotary_write_kv`, together with the rotation of q and k.
+any block size works, and they never load a cache row at or past `seq_lens[b]`. The cache is in q's
+dtype or in float8 e4m3 (widened to q's dtype as it is loaded). It is written by
+`rotary.rotary_write_kv` (or `linear.qkv_rotary_write_kv`), together with the rotation of q and k.
 
 Nothing here reads a device tensor on the host: the decode path can be captured in a CUDA graph.
 """
@@ -101,11 +102,12 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_
                  stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, n_start, n_end, q_pos,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                  PAGE_SIZE: tl.constexpr, MASK_TOKENS: tl.constexpr, CAUSAL: tl.constexpr,
-                 UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, DTYPE: tl.constexpr):
     """Fold context tokens `[n_start, n_start + BLOCK_N)` (those `< n_end`) into (acc, m_i, l_i).
 
     Without MASK_TOKENS every token of the tile is known valid. With CAUSAL, query row i only sees
-    tokens at positions `<= q_pos[i]`.
+    tokens at positions `<= q_pos[i]`. DTYPE is the queries' (the model's) dtype: an fp8 cache tile is
+    widened to it, and the probabilities enter the second product in it.
     """
     n = n_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     d = tl.arange(0, BLOCK_D)
@@ -119,7 +121,7 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_
         kv_mask = d_mask[None, :]
     row = (n % PAGE_SIZE).to(tl.int64)
     k = tl.load(k_cache_ptr + (page * stride_kb + row * stride_kt + kv_head_off_k)[:, None] + d[None, :],
-                mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+                mask=kv_mask, other=0.0).to(DTYPE)  # [BLOCK_N, BLOCK_D]
     if UPCAST_DOT:
         k = k.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, BLOCK_N]
@@ -133,8 +135,8 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_cache_ptr + (page * stride_vb + row * stride_vt + kv_head_off_v)[:, None] + d[None, :],
-                mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-    p = p.to(v_cache_ptr.dtype.element_ty)  # the probabilities enter the second product in the cache dtype
+                mask=kv_mask, other=0.0).to(DTYPE)  # [BLOCK_N, BLOCK_D]
+    p = p.to(DTYPE)
     if UPCAST_DOT:
         v = v.to(tl.float32)
         p = p.to(tl.float32)
@@ -191,19 +193,20 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_sta
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, off_k, off_v,
                                      stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, n_start, causal_end,
                                      q_pos, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, False, False, UPCAST_DOT,
-                                     DOT_PRECISION)
+                                     DOT_PRECISION, out_ptr.dtype.element_ty)
     for n_start in range(full_end, causal_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, off_k, off_v,
                                      stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, n_start, causal_end,
                                      q_pos, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, True, UPCAST_DOT,
-                                     DOT_PRECISION)
+                                     DOT_PRECISION, out_ptr.dtype.element_ty)
     acc = acc / l_i[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
 def _check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
-    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the KV cache must share a dtype"
+    assert k_cache.dtype == v_cache.dtype in (q.dtype, torch.float8_e4m3fn), "the KV cache is in q's dtype or fp8"
+    assert out.dtype == q.dtype
     assert q.shape[-1] == k_cache.shape[-1] and q.shape[1] % k_cache.shape[2] == 0
     assert out.shape == q.shape
     assert q.stride(-1) == out.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1
@@ -288,7 +291,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr,
                                      kv_head * stride_kh, kv_head * stride_vh, stride_kb, stride_kt, stride_vb,
                                      stride_vt, qk_scale, n_start, n_end, 0, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                     PAGE_SIZE, True, False, UPCAST_DOT, DOT_PRECISION)
+                                     PAGE_SIZE, True, False, UPCAST_DOT, DOT_PRECISION, out_ptr.dtype.element_ty)
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty segment (or context) leaves zeros
     if SPLIT:
         part = (req * tl.num_programs(1) * GROUP + heads) * num_splits + split  # [BLOCK_G] row of [B, Hq, S]

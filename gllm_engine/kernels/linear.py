@@ -24,7 +24,7 @@ import triton.language as tl
 from gllm_engine.kernels.activation import silu_and_mul
 from gllm_engine.kernels.dot import dot_args
 from gllm_engine.kernels.launch import pdl_args, pdl_wait
-from gllm_engine.kernels.rotary import rotary_write_kv
+from gllm_engine.kernels.rotary import cache_value, rotary_write_kv
 
 SKINNY_MAX_ROWS = 16  # the row tile: the smallest `tl.dot` operand
 # Fewer output features give too few programs to stream the weight at full bandwidth: cuBLAS then.
@@ -152,8 +152,9 @@ def _qkv_rotary_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, pos_ptr, cos_sin_ptr, k_
         else:
             cache = v_cache_ptr + page * stride_vcb + row * stride_vct + (kv_head - NUM_KV_HEADS) * stride_vch
         cache_mask = (slot >= 0)[:, None]
-        tl.store(cache[:, None] + j[None, :], y1, mask=cache_mask)
-        tl.store(cache[:, None] + HALF + j[None, :], y2, mask=cache_mask)
+        cache_rows = cache[:, None] + j[None, :]
+        tl.store(cache_rows, cache_value(y1, cache_rows), mask=cache_mask)
+        tl.store(cache_rows + HALF, cache_value(y2, cache_rows), mask=cache_mask)
 
 
 def uses_skinny_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -221,7 +222,8 @@ def qkv_rotary_write_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     `uses_skinny_kernel` says so and no per-head norm comes first; else `linear`, then `rotary_write_kv`."""
     head_dim = k_cache.shape[-1]
     if (qk_norm_weights is None and uses_skinny_kernel(x, weight) and head_dim % 32 == 0
-            and k_cache.dtype == v_cache.dtype == x.dtype and k_cache.stride(-1) == v_cache.stride(-1) == 1
+            and k_cache.dtype == v_cache.dtype in (x.dtype, torch.float8_e4m3fn)
+            and k_cache.stride(-1) == v_cache.stride(-1) == 1
             and cos_sin_cache.stride(-1) == 1):
         return _skinny_qkv_rotary(x, weight, bias, num_q_heads, num_kv_heads, positions, cos_sin_cache, k_cache,
                                   v_cache, slot_mapping)

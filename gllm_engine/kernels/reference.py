@@ -11,16 +11,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+FP8_MAX = 448.0  # the largest finite float8 e4m3 value
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` as a KV cache of `dtype` holds it: an fp8 cache saturates at +-FP8_MAX (it has no scale)."""
+    if dtype == torch.float8_e4m3fn:
+        x = x.float().clamp(-FP8_MAX, FP8_MAX)
+    return x.to(dtype)
+
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
-    """Store `key`/`value` `[T, Hkv, D]` at flat slots `slot_mapping` `[T]` (negative slots are skipped)."""
+    """Store `key`/`value` `[T, Hkv, D]` at flat slots `slot_mapping` `[T]` (negative slots are skipped),
+    converted to the caches' dtype (`to_cache_dtype`)."""
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
-    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
-    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+    for cache, x in ((k_cache, key), (v_cache, value)):
+        x = to_cache_dtype(x, cache.dtype)
+        if cache.element_size() == 1:  # torch has no index_copy_ for float8: copy the bytes
+            cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+        cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, x)
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -51,8 +64,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q_len = q_end - q_start
         if q_len == 0:
             continue
-        k = _gather_context(k_cache, block_tables[b], seq_len)  # [S, Hkv, D]
-        v = _gather_context(v_cache, block_tables[b], seq_len)
+        k = _gather_context(k_cache, block_tables[b], seq_len).to(q.dtype)  # [S, Hkv, D]
+        v = _gather_context(v_cache, block_tables[b], seq_len).to(q.dtype)
         if num_heads != num_kv_heads:
             k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
             v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)

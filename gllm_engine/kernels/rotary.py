@@ -19,6 +19,27 @@ ROPE_NUM_WARPS = 4
 
 
 @triton.jit
+def _round_to_e4m3(x):
+    """float32 `x` (|x| <= 448) rounded to the nearest float8 e4m3 value, ties to even, in float32
+    arithmetic: adding 1.5 * 2^(e + 20) leaves x's binade an ulp of 2^(e - 3), e4m3's spacing there
+    (2^-9 below 2^-6, its subnormals). Triton's interpreter converts some values to float8 wrongly
+    (a mantissa that rounds up does not carry); converting an exact value is right everywhere."""
+    exponent = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    magic = (((exponent + 147) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    rounded = (tl.abs(x) + magic) - magic
+    return tl.where(x < 0, -rounded, rounded)
+
+
+@triton.jit
+def cache_value(x, cache_ptr):
+    """`x` as the cache at `cache_ptr` stores it (`reference.to_cache_dtype`): float8 e4m3 saturates
+    at +-448, the largest value it holds (the cache has no scale)."""
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        x = _round_to_e4m3(tl.clamp(x.to(tl.float32), -448.0, 448.0))
+    return x.to(cache_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _norm_and_rotate(x1, x2, w_ptr, cos, sin, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
                      HAS_NORM: tl.constexpr, dtype: tl.constexpr):
     """Both halves `[BLOCK_H, BLOCK_HALF]` (float32) of some heads: RMSNorm'd if HAS_NORM, then rotated."""
@@ -81,12 +102,12 @@ def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_p
         tl.store(ptr, y1, mask=mask)
         tl.store(ptr + HALF, y2, mask=mask)
         cache = k_cache_ptr + page * stride_cb + row * stride_ct + h[:, None] * stride_ch + j[None, :]
-        tl.store(cache, y1, mask=cache_mask)
-        tl.store(cache + HALF, y2, mask=cache_mask)
+        tl.store(cache, cache_value(y1, cache), mask=cache_mask)
+        tl.store(cache + HALF, cache_value(y2, cache), mask=cache_mask)
         src = v_ptr + t * stride_vt + h[:, None] * stride_vh + j[None, :]
         dst = v_cache_ptr + page * stride_vcb + row * stride_vct + h[:, None] * stride_vch + j[None, :]
-        tl.store(dst, tl.load(src, mask=cache_mask), mask=cache_mask)
-        tl.store(dst + HALF, tl.load(src + HALF, mask=cache_mask), mask=cache_mask)
+        tl.store(dst, cache_value(tl.load(src, mask=cache_mask), dst), mask=cache_mask)
+        tl.store(dst + HALF, cache_value(tl.load(src + HALF, mask=cache_mask), dst), mask=cache_mask)
 
 
 def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -94,7 +115,8 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
                     slot_mapping: torch.Tensor, qk_norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
                     eps: float = 0.0) -> torch.Tensor:
     """Normalize (with `qk_norm_weights`) and rotate q `[T, Hq, D]` and k `[T, Hkv, D]` in place at
-    `positions`, and store k and v in `[NB, BS, Hkv, D]` caches at `slot_mapping` (negative: skipped).
+    `positions`, and store k and v in `[NB, BS, Hkv, D]` caches (q's dtype or float8 e4m3) at
+    `slot_mapping` (negative: skipped).
 
     `cos_sin_cache` is `[max_pos, D]`: cos in the first D/2 columns, sin in the last D/2. Returns q.
     """
@@ -103,6 +125,7 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
         return q
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == cos_sin_cache.stride(-1) == 1
     assert k_cache.stride(-1) == v_cache.stride(-1) == 1
+    assert k_cache.dtype == v_cache.dtype in (q.dtype, torch.float8_e4m3fn)
     assert cos_sin_cache.shape[-1] == head_dim == k.shape[-1] and head_dim % 2 == 0
     q_weight, k_weight = qk_norm_weights if qk_norm_weights is not None else (q, q)  # unused without the norm
     half = head_dim // 2

@@ -58,6 +58,7 @@ class ModelRunner:
         self.layout = layout or RankLayout(device=config.device.device)
         self.device = self.layout.device
         self.dtype = config.model.dtype
+        self.cache_dtype = config.cache.dtype_for(self.dtype)
         self.block_size = config.cache.block_size
         self.pin_memory = self.device.type == "cuda"
         hf = config.model.hf_config
@@ -106,7 +107,7 @@ class ModelRunner:
     def _block_bytes(self) -> int:
         layers = self.model.attention_layers()
         attn = layers[0]
-        per_token = 2 * attn.num_kv_heads * attn.head_dim * self.dtype.itemsize
+        per_token = 2 * attn.num_kv_heads * attn.head_dim * self.cache_dtype.itemsize
         return per_token * self.block_size * len(layers)
 
     def available_num_blocks(self) -> int:
@@ -128,10 +129,10 @@ class ModelRunner:
                                "gpu_memory_utilization")
         for attn in self.model.attention_layers():
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)  # [NB, BS, Hkv, D]
-            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
-                    num_blocks * self._block_bytes() / 2**30)
+            attn.k_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s)", num_blocks, self.block_size,
+                    num_blocks * self._block_bytes() / 2**30, str(self.cache_dtype).removeprefix("torch."))
 
     @torch.inference_mode()
     def _profile_num_gpu_blocks(self) -> int:
@@ -143,8 +144,8 @@ class ModelRunner:
         num_blocks = -(-num_tokens // self.block_size)
         for attn in self.model.attention_layers():
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.k_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device) % self.config.model.max_model_len
         intermediate = None

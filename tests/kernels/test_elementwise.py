@@ -93,3 +93,23 @@ def test_rotary_write_kv_matches_reference(dtype, head_dim, heads, qk_norm, devi
     assert torch.equal(views(qkv)[2], v_before)
     for got, want in zip(caches, ref_caches):
         assert_matches(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_rotary_write_kv_into_an_fp8_cache_rounds_as_the_reference(dtype, device):
+    """The cache holds `reference.to_cache_dtype` of the k and v the kernel leaves in its buffer, bit for
+    bit: rounded to nearest even, saturated at +-448 (the values span many binades and pass 448)."""
+    num_tokens, num_heads, num_kv_heads, head_dim = 6, 4, 2, 64
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = _randn(num_tokens, q_size + 2 * kv_size, dtype=dtype, device=device, seed=11) * 150
+    q, k, v = (t.view(num_tokens, -1, head_dim) for t in qkv.split([q_size, kv_size, kv_size], dim=-1))
+    positions = torch.tensor([0, 5, 3, 40, 41, 2], device=device)
+    slots = torch.tensor([3, -1, 0, 11, 7, 8], device=device)
+    caches = [torch.zeros(3, 4, num_kv_heads, head_dim, dtype=torch.float8_e4m3fn, device=device) for _ in range(2)]
+    rotary.rotary_write_kv(q, k, v, positions, _cos_sin_cache(64, head_dim, device), *caches, slots)
+    stored = slots >= 0
+    for cache, x in zip(caches, (k, v)):
+        want = reference.to_cache_dtype(x[stored], torch.float8_e4m3fn)
+        assert torch.equal(cache.view(-1, num_kv_heads, head_dim)[slots[stored]].view(torch.uint8),
+                           want.view(torch.uint8))
+    assert bool((v.abs() > reference.FP8_MAX).any())  # saturation was exercised

@@ -139,3 +139,20 @@ def test_qkv_rotary_write_kv_with_qk_norm_takes_the_unfused_kernels(device):
     assert torch.equal(out, unfused)
     for got, want in zip(caches, unfused_caches):
         assert torch.equal(got, want)
+
+
+def test_qkv_rotary_write_kv_into_an_fp8_cache_stores_its_own_output_rounded(device):
+    """With float8 caches the fused kernel stores `reference.to_cache_dtype` of the k and v it returns."""
+    head_dim, num_q_heads, num_kv_heads, rows = 128, 24, 4, 3
+    x = _randn(rows, 64, dtype=torch.bfloat16, device=device, seed=30) * 40
+    weight = _randn((num_q_heads + 2 * num_kv_heads) * head_dim, 64, dtype=torch.bfloat16, device=device, seed=31)
+    positions, slots = torch.tensor([1, 9, 4], device=device), torch.tensor([0, 5, 2], device=device)
+    caches = [torch.zeros(2, 4, num_kv_heads, head_dim, dtype=torch.float8_e4m3fn, device=device) for _ in range(2)]
+    assert linear.uses_skinny_kernel(x, weight)
+    out = linear.qkv_rotary_write_kv(x, weight, None, num_q_heads, num_kv_heads, positions,
+                                     _cos_sin_cache(16, head_dim, device), *caches, slots)
+    q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
+    for cache, part in zip(caches, out[:, q_size:].split(kv_size, dim=-1)):
+        want = reference.to_cache_dtype(part.reshape(rows, num_kv_heads, head_dim), torch.float8_e4m3fn)
+        assert torch.equal(cache.view(-1, num_kv_heads, head_dim)[slots].view(torch.uint8), want.view(torch.uint8))
+    assert bool((out[:, q_size:].abs() > reference.FP8_MAX).any())  # saturation was exercised

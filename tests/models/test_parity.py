@@ -117,3 +117,24 @@ def test_seeded_sampling_is_reproducible_and_n_gives_n_outputs(tmp_path):
     assert [o.index for o in many.outputs] == [0, 1, 2, 3]
     assert len({tuple(o.token_ids) for o in many.outputs}) > 1
     assert all(len(o.token_ids) == 16 for o in many.outputs)
+
+
+def test_fp8_kv_cache_halves_the_cache_and_keeps_greedy_outputs_invariant(tmp_path):
+    """`kv_cache_dtype="fp8"`: float8 caches, one byte a value; batching, chunking and
+    preemption still leave every greedy output as it is alone, and the outputs stay close to the
+    model dtype's (the first token of every prompt is the same)."""
+    path = make_tiny_model_dir("LlamaForCausalLM", tmp_path, with_tokenizer=False)
+    full = engine(path)
+    fp8 = engine(path, kv_cache_dtype="fp8")
+    runner = fp8.engine.executor.runner
+    assert all(a.k_cache.dtype == a.v_cache.dtype == torch.float8_e4m3fn for a in runner.model.attention_layers())
+    assert runner._block_bytes() * torch.float32.itemsize == full.engine.executor.runner._block_bytes()
+    ps = prompts(6, fp8.config.model.hf_config.vocab_size, seed=5)
+    outs = [o.outputs[0].token_ids for o in fp8.generate(token_prompts(ps), GREEDY_32)]
+    single = [fp8.generate(token_prompts([p]), GREEDY_32)[0].outputs[0].token_ids for p in ps]
+    tight = engine(path, kv_cache_dtype="fp8", block_size=4, num_gpu_blocks_override=16, max_num_batched_tokens=8,
+                   max_num_seqs=4)
+    assert [o.outputs[0].token_ids for o in tight.generate(token_prompts(ps), GREEDY_32)] == outs == single
+    assert tight.engine.stats().num_preemptions > 0
+    reference_outs = [o.outputs[0].token_ids for o in full.generate(token_prompts(ps), GREEDY_32)]
+    assert [o[0] for o in outs] == [o[0] for o in reference_outs]
