@@ -85,8 +85,17 @@ def warmup_requests(requests: list[BenchRequest]) -> list[BenchRequest]:
             for r in (by_len[0], by_len[-1])]
 
 
+def add_gllm_arguments(ap: argparse.ArgumentParser) -> None:
+    """The engine options `dummy_gllm` reads."""
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="gLLM (default: the engine's)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="gLLM")
+    ap.add_argument("--enforce-eager", action="store_true", help="gLLM: no CUDA graphs")
+    ap.add_argument("--no-async-scheduling", action="store_true", help="gLLM: plan a step after the last's tokens")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="gLLM: auto (the model dtype) or fp8")
+
+
 def dummy_gllm(args: argparse.Namespace, config_dir: str) -> Any:
-    """A gLLM `LLM` with dummy weights at the shapes of `config_dir`, configured by the script's options."""
+    """A gLLM `LLM` with dummy weights at the shapes of `config_dir`, configured by `add_gllm_arguments`'s options."""
     from gllm_engine import LLM
 
     return LLM(config_dir, load_format="dummy", dtype=args.dtype, device=args.device, skip_tokenizer_init=True,
@@ -323,11 +332,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    ap.add_argument("--max-num-seqs", type=int, default=None, help="gLLM (default: the engine's)")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="gLLM")
-    ap.add_argument("--enforce-eager", action="store_true", help="gLLM: no CUDA graphs")
-    ap.add_argument("--kv-cache-dtype", default="auto", help="gLLM: auto (the model dtype) or fp8")
-    ap.add_argument("--no-async-scheduling", action="store_true", help="gLLM: plan a step after the last's tokens")
+    add_gllm_arguments(ap)
     ap.add_argument("--max-output-len", type=int, default=None, help="cap output lengths (smoke runs only)")
     ap.add_argument("--transformers-timeout", type=float, default=300.0,
                     help="seconds of generation before the transformers baseline is stopped (then reported partial)")

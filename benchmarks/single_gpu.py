@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # this directory's scr
 from offline_throughput import (  # noqa: E402
     STOP_GRACE_S,
     Row,
+    add_gllm_arguments,
     dummy_gllm,
     run_isolated,
     run_transformers,
@@ -199,11 +200,7 @@ def main() -> None:
     ap.add_argument("--uniform-range", type=int, nargs=2, default=[100, 1024], metavar=("LOW", "HIGH"))
     ap.add_argument("--batch1", type=int, nargs=2, default=[128, 256], metavar=("PROMPT", "OUTPUT"))
     ap.add_argument("--sweep", type=int, nargs="+", default=[1, 8, 32, 128, 256])
-    ap.add_argument("--max-num-seqs", type=int, default=None, help="gLLM (default: the engine's)")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
-    ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--kv-cache-dtype", default="auto", help="gLLM's KV cache: auto (the model dtype) or fp8")
-    ap.add_argument("--no-async-scheduling", action="store_true", help="plan each step after the last one's tokens")
+    add_gllm_arguments(ap)
     ap.add_argument("--max-output-len", type=int, default=None, help="cap ShareGPT/uniform outputs (smoke runs)")
     ap.add_argument("--transformers-timeout", type=float, default=120.0)
     ap.add_argument("--gllm-timeout", type=float, default=900.0)

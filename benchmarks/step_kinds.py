@@ -26,7 +26,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from offline_throughput import dummy_gllm, sync_device, warmup_requests, workload_requests  # noqa: E402
+from offline_throughput import add_gllm_arguments, dummy_gllm, sync_device, warmup_requests, workload_requests  # noqa: E402
 
 KINDS = ("decode", "prefill <= 512", "prefill <= 1024", "prefill > 1024")
 
@@ -106,10 +106,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    ap.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
-    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    ap.add_argument("--no-async-scheduling", action="store_true", help="plan each step after the last one's tokens")
+    add_gllm_arguments(ap)
     ap.add_argument("--max-output-len", type=int, default=None, help="cap output lengths (smoke runs only)")
     print_tables(run(ap.parse_args()))
 
