@@ -10,7 +10,8 @@ of 10 calls, and the totals are scaled to all steps and all layers.
     python benchmarks/decode_replay.py record --requests-file .gpu/sharegpt1000.json --out decode_steps.json
     python benchmarks/decode_replay.py replay decode_steps.json --config benchmarks/configs/llama3-8b --every 5
 
-`--programs-per-sm` overrides the engine's split-K target (`DECODE_PROGRAMS_PER_SM`) for tuning.
+For tuning, `--programs-per-sm` overrides the engine's split-K target (`DECODE_PROGRAMS_PER_SM`) and
+`--decode-tiles` the kernel's tiles; `--kv-cache-dtype fp8` times a float8 cache.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def replay(args: argparse.Namespace) -> None:
         sys.exit("decode_replay.py replay needs a CUDA device")
     if args.programs_per_sm:
         attention.DECODE_PROGRAMS_PER_SM = args.programs_per_sm
+    if args.decode_tiles:
+        tiles = attention.DecodeTiles(*(int(x) for x in args.decode_tiles.split(",")))
+        attention.decode_config = lambda head_dim, dtype: tiles
     recorded = json.loads(Path(args.schedule).read_text())
     block_size, max_num_seqs = recorded["settings"]["block_size"], recorded["settings"]["max_num_seqs"]
     hf = AutoConfig.from_pretrained(args.config)
@@ -169,6 +173,7 @@ def main() -> None:
     rep.add_argument("--every", type=int, default=5, help="time every Nth decode step")
     rep.add_argument("--programs-per-sm", type=int, default=None, help="override the split-K target")
     rep.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"), help="auto: bfloat16")
+    rep.add_argument("--decode-tiles", help="override the decode kernel's tiles: BLOCK_N,NUM_WARPS,NUM_STAGES")
     args = parser.parse_args()
     record(args) if args.command == "record" else replay(args)
 
