@@ -160,8 +160,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits `[N, V]` in float32 for the selected hidden states `[N, H]` (last stage only)."""
-        return self.lm_head.compute_logits(hidden).float()
+        """Logits `[N, V]` in the model's dtype for the selected hidden states `[N, H]` (last stage only)."""
+        return self.lm_head.compute_logits(hidden)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.local_layers()]

@@ -154,8 +154,8 @@ class ModelRunner:
             intermediate = (zeros, zeros.clone())
         meta = _single_sequence_metadata(num_tokens, num_blocks, self.prefill_block_m, self.device)
         hidden = self.model(ids, positions, meta, intermediate)
-        if self.layout.stage.is_last:
-            self.model.compute_logits(hidden[:num_seqs])
+        if self.layout.stage.is_last:  # and the float32 copy of the logits a sampled (not greedy) step makes
+            self.model.compute_logits(hidden[:num_seqs]).float()
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         total = torch.cuda.get_device_properties(self.device).total_memory

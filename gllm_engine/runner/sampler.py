@@ -169,9 +169,14 @@ def _filter(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, argmax: Callable = reference.argmax) -> PendingSample:
-    """Sample one token per row of `logits` `[N, V]` (float32), without waiting for the device.
+    """Sample one token per row of `logits` `[N, V]` (the model's dtype), without waiting for the device.
 
-    `argmax` picks the largest entry of each row (the kernel set's: `KernelOps.argmax`)."""
+    A batch of plain greedy rows takes the argmax of the logits as they are (widening changes no
+    order); anything else is computed on float32 logits. `argmax` picks the largest entry of each
+    row (the kernel set's: `KernelOps.argmax`)."""
+    if batch.all_greedy and batch.max_logprobs is None and not batch.banned and not batch.penalty_rows:
+        return PendingSample(argmax(logits))
+    logits = logits.float()
     raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs is not None else None
     for row, ids in batch.banned:
         logits[row, ids] = float("-inf")

@@ -42,6 +42,18 @@ def test_greedy_takes_the_argmax():
     assert run(logits, SamplingParams(temperature=0), SamplingParams(temperature=0)).token_ids == [1, 0]
 
 
+def test_bfloat16_logits_are_sampled_as_their_float32_values():
+    """Greedy rows take the argmax of the logits as they come; the rest widen them first."""
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(0)).bfloat16()
+    logits[1, 7] = logits[1, 200] = 9.0  # a tie: the first index wins, as in float32
+    best = logits.float().argmax(dim=-1).tolist()
+    greedy = SamplingParams(temperature=0)
+    assert run(logits, greedy, greedy, greedy).token_ids == best and best[1] == 7
+    out = run(logits, greedy, SamplingParams(temperature=0, logprobs=1), SamplingParams(top_k=1))
+    assert out.token_ids == best
+    assert out.logprobs[1][0] == pytest.approx(torch.log_softmax(logits.float(), -1)[1, 7].item())
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy():
     logits = torch.randn(2, 50)
     best = logits.argmax(dim=-1).tolist()
