@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers import make_tiny_model_dir
+from tests.helpers import make_tiny_model_dir, table_cells
 
 
 def run_offline_throughput(model, out, *extra: str) -> dict:
@@ -97,3 +97,14 @@ def test_decode_replay_records_the_context_length_of_every_decode_step(tmp_path)
     # one prefill step samples each first token; then each decode reads its prompt and outputs so far
     assert recorded["steps"] == 3 and recorded["decode_steps"] == [[6, 4], [7]]
     assert recorded["settings"]["max_num_seqs"] == 1024 and recorded["requests"] == 2
+
+
+def test_kv_cache_accuracy_compares_every_run_with_the_first():
+    res = subprocess.run([sys.executable, "benchmarks/kv_cache_accuracy.py", "--device", "cpu", "--num-prompts", "2",
+                          "--output-len", "4", "--dtypes", "float32"], check=True, timeout=600, capture_output=True,
+                         text=True)
+    assert "KV-cache dtype vs greedy answers" in res.stdout
+    rows = [table_cells(line) for line in res.stdout.splitlines() if line.startswith("│")]
+    assert [r[:2] for r in rows] == [["float32", "model dtype"], ["float32", "fp8"]]
+    assert rows[0][3:] == ["100.0%"] * 3  # the first run against itself
+    assert int(rows[0][2].replace(",", "")) == 4 * int(rows[1][2].replace(",", ""))  # fp8: a byte a value
