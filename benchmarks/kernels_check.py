@@ -224,15 +224,10 @@ def check_rotary_write_kv(kn: Kernels, tokens: int, qk_norm: bool, dtype: torch.
     qkvs = [torch.randn(tokens, q_size + 2 * kv_size, dtype=dtype, device=device)]
     qkvs.append(qkvs[0].clone())
 
-    def views(qkv: torch.Tensor) -> list[torch.Tensor]:  # strided views into the fused buffer, as in a model
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        return [q.view(tokens, NUM_HEADS, HEAD_DIM), k.view(tokens, NUM_KV_HEADS, HEAD_DIM),
-                v.view(tokens, NUM_KV_HEADS, HEAD_DIM)]
-
     positions, cos_sin, slots, caches = rotary_inputs(tokens, dtype, device)
     weights = tuple((1 + 0.1 * torch.randn(HEAD_DIM, device=device)).to(dtype) for _ in range(2)) if qk_norm else None
-    args = [[*views(qkvs[i]), positions, cos_sin, caches[2 * i], caches[2 * i + 1], slots, weights, RMS_EPS]
-            for i in range(2)]
+    args = [[*kn.ref.qkv_heads(qkvs[i], NUM_HEADS, NUM_KV_HEADS, HEAD_DIM), positions, cos_sin, caches[2 * i],
+             caches[2 * i + 1], slots, weights, RMS_EPS] for i in range(2)]
     kn.rotary.rotary_write_kv(*args[0])  # q and k in place, k and v into the cache
     kn.ref.rotary_write_kv(*args[1])
     errs = [compare(got, want) for got, want in ((qkvs[0], qkvs[1]), (caches[0], caches[2]), (caches[1], caches[3]))]
@@ -283,10 +278,9 @@ def check_qkv_rotary(kn: Kernels, rows: int, dtype: torch.dtype, device: torch.d
     errs = [compare(got, want) for got, want in ((out, expected), (caches[0], caches[2]), (caches[1], caches[3]))]
 
     def unfused() -> None:
-        q, k, v = kn.linear.skinny_linear(x, weight).split([q_size, kv_size, kv_size], dim=-1)
-        kn.rotary.rotary_write_kv(q.view(rows, NUM_HEADS, HEAD_DIM), k.view(rows, NUM_KV_HEADS, HEAD_DIM),
-                                  v.view(rows, NUM_KV_HEADS, HEAD_DIM), positions, cos_sin, caches[2], caches[3],
-                                  slots)
+        qkv = kn.linear.skinny_linear(x, weight)
+        kn.rotary.rotary_write_kv(*kn.ref.qkv_heads(qkv, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM), positions, cos_sin,
+                                  caches[2], caches[3], slots)
 
     us = graph_us(lambda: kn.linear.qkv_rotary_write_kv(x, weight, None, *args[0]))
     ref_us = graph_us(unfused)

@@ -63,7 +63,7 @@ def main() -> None:
         if prompts is None:
             prompts = chat_prompts(llm, args.num_prompts, args.seed)
         runner = llm.engine.executor.runner
-        token_bytes[dtype, cache] = runner._block_bytes() // runner.block_size
+        token_bytes[dtype, cache] = runner.kv_block_bytes() // runner.block_size
         name = llm.config.model.name
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
         answers[dtype, cache] = [o.outputs[0].token_ids for o in outs]

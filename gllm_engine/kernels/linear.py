@@ -24,6 +24,7 @@ import triton.language as tl
 from gllm_engine.kernels.activation import silu_and_mul
 from gllm_engine.kernels.dot import dot_args
 from gllm_engine.kernels.launch import pdl_args, pdl_wait
+from gllm_engine.kernels.reference import qkv_heads
 from gllm_engine.kernels.rotary import cache_value, rotary_write_kv
 
 SKINNY_MAX_ROWS = 16  # the row tile: the smallest `tl.dot` operand
@@ -228,10 +229,8 @@ def qkv_rotary_write_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         return _skinny_qkv_rotary(x, weight, bias, num_q_heads, num_kv_heads, positions, cos_sin_cache, k_cache,
                                   v_cache, slot_mapping)
     qkv = linear(x, weight, bias)
-    q, k, v = qkv.split([num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
-    rotary_write_kv(q.view(-1, num_q_heads, head_dim), k.view(-1, num_kv_heads, head_dim),
-                    v.view(-1, num_kv_heads, head_dim), positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
-                    qk_norm_weights, eps)
+    rotary_write_kv(*qkv_heads(qkv, num_q_heads, num_kv_heads, head_dim), positions, cos_sin_cache, k_cache,
+                    v_cache, slot_mapping, qk_norm_weights, eps)
     return qkv
 
 

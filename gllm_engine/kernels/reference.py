@@ -185,12 +185,17 @@ def qkv_rotary_write_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """A layer's qkv projection `[T, (Hq + 2 Hkv) D]` of `x`, through `rotary_write_kv`: q and k in it
     normalized (with `qk_norm_weights`) and rotated, k and v stored in the caches."""
     qkv = F.linear(x, weight, bias)
-    head_dim = k_cache.shape[-1]
-    q, k, v = qkv.split([num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
-    rotary_write_kv(q.view(-1, num_q_heads, head_dim), k.view(-1, num_kv_heads, head_dim),
-                    v.view(-1, num_kv_heads, head_dim), positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
-                    qk_norm_weights, eps)
+    rotary_write_kv(*qkv_heads(qkv, num_q_heads, num_kv_heads, k_cache.shape[-1]), positions, cos_sin_cache,
+                    k_cache, v_cache, slot_mapping, qk_norm_weights, eps)
     return qkv
+
+
+def qkv_heads(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int,
+              head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views q `[T, Hq, D]`, k and v `[T, Hkv, D]` into a fused qkv projection `[T, (Hq + 2 Hkv) D]`."""
+    q, k, v = qkv.split([num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    return (q.view(-1, num_q_heads, head_dim), k.view(-1, num_kv_heads, head_dim),
+            v.view(-1, num_kv_heads, head_dim))
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

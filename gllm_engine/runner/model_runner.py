@@ -104,7 +104,8 @@ class ModelRunner:
             self.graphs.capture()
 
     # ---- KV cache -------------------------------------------------------------------------------
-    def _block_bytes(self) -> int:
+    def kv_block_bytes(self) -> int:
+        """Bytes one KV block takes over all of this rank's layers, K and V, in the cache dtype."""
         layers = self.model.attention_layers()
         attn = layers[0]
         per_token = 2 * attn.num_kv_heads * attn.head_dim * self.cache_dtype.itemsize
@@ -117,7 +118,7 @@ class ModelRunner:
             return cache.num_gpu_blocks_override
         if self.device.type == "cuda":
             return self._profile_num_gpu_blocks()
-        num_blocks = int(cache.cpu_kv_cache_gib * 2**30) // self._block_bytes()
+        num_blocks = int(cache.cpu_kv_cache_gib * 2**30) // self.kv_block_bytes()
         # No need for more than every running sequence at full length.
         sched = self.config.scheduler
         per_seq = -(-sched.max_model_len // self.block_size)
@@ -132,7 +133,7 @@ class ModelRunner:
             attn.k_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s)", num_blocks, self.block_size,
-                    num_blocks * self._block_bytes() / 2**30, str(self.cache_dtype).removeprefix("torch."))
+                    num_blocks * self.kv_block_bytes() / 2**30, str(self.cache_dtype).removeprefix("torch."))
 
     @torch.inference_mode()
     def _profile_num_gpu_blocks(self) -> int:
@@ -167,13 +168,13 @@ class ModelRunner:
         for attn in self.model.attention_layers():
             attn.k_cache = attn.v_cache = torch.empty(0)
         torch.cuda.empty_cache()
-        if budget < self._block_bytes():
+        if budget < self.kv_block_bytes():
             raise RuntimeError(
                 f"no GPU memory is left for the KV cache: gpu_memory_utilization {util} allows "
                 f"{total * util / 2**30:.2f} GiB, the model and its largest step ({num_tokens} tokens) take "
                 f"{peak / 2**30:.2f} GiB and other allocations on the device {used_outside / 2**30:.2f} GiB; "
                 "raise gpu_memory_utilization or lower max_num_batched_tokens")
-        return int(budget // self._block_bytes())
+        return int(budget // self.kv_block_bytes())
 
     # ---- one step -------------------------------------------------------------------------------
     def step_arrays(self, plan: StepPlan, states: list[SeqState]) -> StepArrays:

@@ -71,10 +71,8 @@ def test_rotary_write_kv_matches_reference(dtype, head_dim, heads, qk_norm, devi
     qkv = _randn(num_tokens, q_size + 2 * kv_size, dtype=dtype, device=device, seed=6) * 2
     ref_qkv = qkv.clone()
 
-    def views(t: torch.Tensor) -> list[torch.Tensor]:  # strided views into the fused buffer, as in a model
-        q, k, v = t.split([q_size, kv_size, kv_size], dim=-1)
-        return [q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim),
-                v.view(num_tokens, num_kv_heads, head_dim)]
+    def views(t: torch.Tensor) -> tuple[torch.Tensor, ...]:  # strided views into the fused buffer, as in a model
+        return reference.qkv_heads(t, num_heads, num_kv_heads, head_dim)
 
     positions = torch.tensor([0, 5, 3, 40, 41, 2, 63], device=device)
     slots = torch.tensor([3, -1, 0, 11, 7, -1, 8], device=device)  # two padded tokens: not stored
@@ -102,7 +100,7 @@ def test_rotary_write_kv_into_an_fp8_cache_rounds_as_the_reference(dtype, device
     num_tokens, num_heads, num_kv_heads, head_dim = 6, 4, 2, 64
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     qkv = _randn(num_tokens, q_size + 2 * kv_size, dtype=dtype, device=device, seed=11) * 150
-    q, k, v = (t.view(num_tokens, -1, head_dim) for t in qkv.split([q_size, kv_size, kv_size], dim=-1))
+    q, k, v = reference.qkv_heads(qkv, num_heads, num_kv_heads, head_dim)
     positions = torch.tensor([0, 5, 3, 40, 41, 2], device=device)
     slots = torch.tensor([3, -1, 0, 11, 7, 8], device=device)
     caches = [torch.zeros(3, 4, num_kv_heads, head_dim, dtype=torch.float8_e4m3fn, device=device) for _ in range(2)]

@@ -132,10 +132,8 @@ def test_qkv_rotary_write_kv_with_qk_norm_takes_the_unfused_kernels(device):
                                      slots, norms, 1e-6)
     unfused = linear.skinny_linear(x, weight)
     unfused_caches = [torch.zeros_like(c) for c in caches]
-    q, k, v = unfused.split([num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
-    rotary.rotary_write_kv(q.view(rows, num_q_heads, head_dim), k.view(rows, num_kv_heads, head_dim),
-                           v.view(rows, num_kv_heads, head_dim), positions, cos_sin, *unfused_caches, slots, norms,
-                           1e-6)
+    rotary.rotary_write_kv(*reference.qkv_heads(unfused, num_q_heads, num_kv_heads, head_dim), positions, cos_sin,
+                           *unfused_caches, slots, norms, 1e-6)
     assert torch.equal(out, unfused)
     for got, want in zip(caches, unfused_caches):
         assert torch.equal(got, want)

@@ -128,7 +128,7 @@ def test_fp8_kv_cache_halves_the_cache_and_keeps_greedy_outputs_invariant(tmp_pa
     fp8 = engine(path, kv_cache_dtype="fp8")
     runner = fp8.engine.executor.runner
     assert all(a.k_cache.dtype == a.v_cache.dtype == torch.float8_e4m3fn for a in runner.model.attention_layers())
-    assert runner._block_bytes() * torch.float32.itemsize == full.engine.executor.runner._block_bytes()
+    assert runner.kv_block_bytes() * torch.float32.itemsize == full.engine.executor.runner.kv_block_bytes()
     ps = prompts(6, fp8.config.model.hf_config.vocab_size, seed=5)
     outs = [o.outputs[0].token_ids for o in fp8.generate(token_prompts(ps), GREEDY_32)]
     single = [fp8.generate(token_prompts([p]), GREEDY_32)[0].outputs[0].token_ids for p in ps]
