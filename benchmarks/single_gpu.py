@@ -7,6 +7,9 @@ Workloads (dummy weights, ignore_eos, each engine in a fresh process):
             benchmark), on --small-config (Qwen3-0.6B shapes)
   sweep     B requests of 128 prompt tokens, 256 generated, for each B of --sweep, on --config
 
+With --also-kv-cache-dtype fp8, gLLM runs ShareGPT, batch 1 and uniform a second time with that KV cache
+(no sweep), in rows of their own beside the same transformers runs.
+
 Ceilings are measured in the same run: a device-to-device copy (bytes read + written over time) and a
 bf16 8192^3 matrix product. The compute roofline of a workload is that rate over 2 FLOP per parameter
 per token; the batch-1 bound is the weight bytes over the copy bandwidth. Published peers are quoted
@@ -52,6 +55,7 @@ PUBLISHED = {
     "batch1": "target >= 170 tok/s (90% of the H100's 188 tok/s weight-read bound)",
     "uniform": "nano-vllm and vLLM within 3% of each other; target >= 20x transformers",
 }
+MODELS = ("large", "small")
 MATMUL_N = 8192
 COPY_BYTES = 4 << 30
 
@@ -115,6 +119,13 @@ def gllm_large(args: argparse.Namespace, requests: list[BenchRequest], report) -
         report(result)
 
 
+def with_kv_cache_dtype(args: argparse.Namespace, kv_cache_dtype: str) -> argparse.Namespace:
+    """`args` for a second gLLM run with another KV cache dtype, without the sweep."""
+    other = copy.copy(args)
+    other.kv_cache_dtype, other.sweep = kv_cache_dtype, []
+    return other
+
+
 def gllm_small(args: argparse.Namespace, requests: list[BenchRequest], report) -> None:
     """On --small-config: the uniform workload."""
     llm = dummy_gllm(args, args.small_config)
@@ -140,7 +151,7 @@ def _pct(value: float | None, bound: float | None) -> str:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    ceil, large, small = report["ceilings"], report["gllm_large"], report["gllm_small"]
+    ceil = report["ceilings"]
     flops, bandwidth = ceil.get("flops"), ceil.get("bandwidth")
     roof = {name: flops / (2 * report["params"][name]) if flops else None for name in ("large", "small")}
     bound_b1 = bandwidth / report["weight_bytes"] if bandwidth else None
@@ -154,32 +165,41 @@ def print_report(report: dict[str, Any]) -> None:
             table.add_row(workload, f"{engine}: {(row or {}).get('error', 'not run')}", "-", "-", "-", "-", "-")
             return
         table.add_row(workload, engine, f"{row['requests_per_s']:.2f}", f"{row['output_tokens_per_s']:,.0f}",
-                      f"{row['total_tokens_per_s']:,.0f}", _ratio(row, base) if engine == "gLLM" else "1.0x",
+                      f"{row['total_tokens_per_s']:,.0f}", _ratio(row, base) if engine.startswith("gLLM") else "1.0x",
                       _pct(row["total_tokens_per_s"], bound))
 
-    hf_large, hf_small = report["transformers_large"], report["transformers_small"]
-    add("sharegpt", large.get("sharegpt"), hf_large, roof["large"])
-    add("sharegpt", hf_large, None, roof["large"], engine=hf_large.get("engine", "transformers"))
-    add("uniform", small, hf_small, roof["small"])
-    add("uniform", hf_small, None, roof["small"], engine=hf_small.get("engine", "transformers"))
-    b1 = large.get("batch1")
-    if b1:
-        decode = b1["decode_tokens_per_s"]
-        rate = f"{b1['tokens_per_s']:,.1f}" + (f" (decode {decode:,.1f})" if decode else "")
-        table.add_row("batch1", "gLLM", "-", rate, "-", "-", _pct(decode, bound_b1))
+    also = report.get("also_kv_cache_dtype")
+    for workload, model in (("sharegpt", "large"), ("uniform", "small")):
+        if f"gllm_{model}" not in report:  # not among --models
+            continue
+        base = report[f"transformers_{model}"]
+        runs = [("gLLM", report[f"gllm_{model}"])]
+        if also:
+            runs.append((f"gLLM, KV cache {also}", report[f"gllm_{model}_also"]))
+        for engine, run in runs:
+            add(workload, run.get("sharegpt") if model == "large" else run, base, roof[model], engine=engine)
+        add(workload, base, None, roof[model], engine=base.get("engine", "transformers"))
+    for engine, key in (("gLLM", "gllm_large"), (f"gLLM, KV cache {also}", "gllm_large_also")):
+        b1 = report.get(key, {}).get("batch1")
+        if b1:
+            decode = b1["decode_tokens_per_s"]
+            rate = f"{b1['tokens_per_s']:,.1f}" + (f" (decode {decode:,.1f})" if decode else "")
+            table.add_row("batch1", engine, "-", rate, "-", "-", _pct(decode, bound_b1))
     console = Console(width=None if sys.stdout.isatty() else 140)
     console.print(table)
     for workload, text in PUBLISHED.items():
         print(f"  {workload}: {text}")
+    sweep_rows = report.get("gllm_large", {}).get("sweep", [])
     prompt_len, output_len = report["batch1_shape"]
     sweep = Table(title=f"Latency vs batch ({prompt_len} prompt tokens, {output_len} generated; time includes the "
                         "prefill)")
     for col in ("batch", "seconds", "output tok/s", "ms per step"):
         sweep.add_column(col, justify="right")
-    for r in large.get("sweep", []):
+    for r in sweep_rows:
         sweep.add_row(str(r["batch"]), f"{r['seconds']:.2f}", f"{r['output_tokens_per_s']:,.0f}",
                       f"{r['ms_per_step']:.2f}")
-    console.print(sweep)
+    if sweep_rows:
+        console.print(sweep)
     if flops:
         print(f"ceilings: {bandwidth / 1e12:.2f} TB/s copy, {flops / 1e12:.0f} TFLOP/s bf16 matmul; compute "
               f"roofline {roof['large']:,.0f} tok/s ({Path(report['config']).name}), {roof['small']:,.0f} tok/s "
@@ -202,13 +222,18 @@ def main() -> None:
     ap.add_argument("--sweep", type=int, nargs="+", default=[1, 8, 32, 128, 256])
     add_gllm_arguments(ap)
     ap.add_argument("--max-output-len", type=int, default=None, help="cap ShareGPT/uniform outputs (smoke runs)")
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                    help="large: ShareGPT, batch 1 and the sweep on --config; small: uniform on --small-config")
+    ap.add_argument("--also-kv-cache-dtype", help="gLLM: run ShareGPT, batch 1 and uniform again with this "
+                                                  "KV cache dtype (e.g. fp8)")
     ap.add_argument("--transformers-timeout", type=float, default=120.0)
     ap.add_argument("--gllm-timeout", type=float, default=900.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output-json")
     args = ap.parse_args()
 
-    sharegpt = workload_requests(args.requests_file, args.num_prompts, args.seed, args.max_output_len)
+    sharegpt = (workload_requests(args.requests_file, args.num_prompts, args.seed, args.max_output_len)
+                if "large" in args.models else [])
     small_vocab = json.loads((Path(args.small_config) / "config.json").read_text())["vocab_size"]
     uniform = uniform_requests(args.uniform_requests, *args.uniform_range, vocab_size=small_vocab, seed=args.seed)
     if args.max_output_len:
@@ -217,18 +242,23 @@ def main() -> None:
     params = {"large": _params(args.config), "small": _params(args.small_config)}
     itemsize = 4 if args.dtype == "float32" else 2
     report: dict[str, Any] = dict(device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
-                                  config=args.config,
+                                  also_kv_cache_dtype=args.also_kv_cache_dtype, config=args.config,
                                   small_config=args.small_config, params=params,
                                   weight_bytes=params["large"] * itemsize, batch1_shape=args.batch1)
     gllm_limit, hf_limit = args.gllm_timeout + STOP_GRACE_S, args.transformers_timeout + STOP_GRACE_S
-    steps = [("ceilings", "ceilings", measure_ceilings, args, [], 600.0),
-             ("gllm_large", "gLLM", gllm_large, args, sharegpt, gllm_limit),
-             ("transformers_large", "transformers", run_transformers, transformers_on(args.config, args),
+    also = with_kv_cache_dtype(args, args.also_kv_cache_dtype) if args.also_kv_cache_dtype else None
+    steps = [("ceilings", None, "ceilings", measure_ceilings, args, [], 600.0),
+             ("gllm_large", "large", "gLLM", gllm_large, args, sharegpt, gllm_limit),
+             ("transformers_large", "large", "transformers", run_transformers, transformers_on(args.config, args),
               sharegpt[: args.num_prompts_transformers], hf_limit),
-             ("gllm_small", "gLLM", gllm_small, args, uniform, gllm_limit),
-             ("transformers_small", "transformers", run_transformers, transformers_on(args.small_config, args),
-              uniform, hf_limit)]
-    for key, name, runner, run_args, requests, limit in steps:
+             ("gllm_small", "small", "gLLM", gllm_small, args, uniform, gllm_limit),
+             ("transformers_small", "small", "transformers", run_transformers,
+              transformers_on(args.small_config, args), uniform, hf_limit)]
+    if also:
+        steps += [("gllm_large_also", "large", "gLLM", gllm_large, also, sharegpt, gllm_limit),
+                  ("gllm_small_also", "small", "gLLM", gllm_small, also, uniform, gllm_limit)]
+    steps = [step for step in steps if step[1] in (None, *args.models)]
+    for key, _model, name, runner, run_args, requests, limit in steps:
         print(f"{key}: running", flush=True)
         report[key] = run_isolated(name, runner, run_args, requests, limit)
         print(f"{key}: {json.dumps(report[key])[:300]}", flush=True)

@@ -4,7 +4,7 @@ Torch references with the same signatures and semantics: `gllm_engine.kernels.re
 of one layer is two `[NB, BS, Hkv, D]` tensors; context token p of request b lives in block
 `block_tables[b, p // BS]`, row `p % BS`. The kernels look up the block of every token they load, so
 any block size works, and they never load a cache row at or past `seq_lens[b]`. The cache is in q's
-dtype or in float8 e4m3 (widened to q's dtype as it is loaded). It is written by
+dtype or in float8 e4m3, widened as it is loaded to the dtype of the products (`product_dtype`). It is written by
 `rotary.rotary_write_kv` (or `linear.qkv_rotary_write_kv`), together with the rotation of q and k.
 
 Nothing here reads a device tensor on the host: the decode path can be captured in a CUDA graph.
@@ -93,6 +93,28 @@ def _num_sms(device: torch.device) -> int:
 
 _LOG2E = 1.4426950408889634
 
+
+def product_dtype(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> torch.dtype:
+    """The dtype both attention products take their operands in: q's, except that bfloat16 queries over an
+    fp8 cache multiply in float16. Hopper widens a pair of float8 values to float16 in one instruction;
+    to reach bfloat16, Triton converts each half once more, which made decode with an fp8 cache slower
+    than with a bf16 one (`benchmarks/RESULTS.md`, 2026-12-01)."""
+    return torch.float16 if cache_dtype == torch.float8_e4m3fn and q_dtype == torch.bfloat16 else q_dtype
+
+
+def _product_args(q: torch.Tensor, k_cache: torch.Tensor) -> dict:
+    """`dot_args` and the PRODUCT_DTYPE constexpr of the kernels' products."""
+    dtype = product_dtype(q.dtype, k_cache.dtype)
+    return dict(PRODUCT_DTYPE=getattr(tl, str(dtype).removeprefix("torch.")), **dot_args(dtype))
+
+
+@triton.jit
+def _queries_as(q, PRODUCT_DTYPE: tl.constexpr):
+    """The query tile in the products' dtype, saturated at float16's range when it is narrowed to it."""
+    if PRODUCT_DTYPE == tl.float16:
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0)  # float16's largest finite value
+    return q.to(PRODUCT_DTYPE)
+
 # ---------------------------------------------------------------------------------------------------
 # Shared inner step: one tile of context tokens against a tile of queries, online softmax in base 2.
 
@@ -102,12 +124,12 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_
                  stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, n_start, n_end, q_pos,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                  PAGE_SIZE: tl.constexpr, MASK_TOKENS: tl.constexpr, CAUSAL: tl.constexpr,
-                 UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+                 UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRODUCT_DTYPE: tl.constexpr):
     """Fold context tokens `[n_start, n_start + BLOCK_N)` (those `< n_end`) into (acc, m_i, l_i).
 
     Without MASK_TOKENS every token of the tile is known valid. With CAUSAL, query row i only sees
-    tokens at positions `<= q_pos[i]`. DTYPE is the queries' (the model's) dtype: an fp8 cache tile is
-    widened to it, and the probabilities enter the second product in it.
+    tokens at positions `<= q_pos[i]`. `q` is in PRODUCT_DTYPE (`product_dtype`); a cache tile is widened
+    to it, and the probabilities enter the second product in it.
     """
     n = n_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     d = tl.arange(0, BLOCK_D)
@@ -121,7 +143,7 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_
         kv_mask = d_mask[None, :]
     row = (n % PAGE_SIZE).to(tl.int64)
     k = tl.load(k_cache_ptr + (page * stride_kb + row * stride_kt + kv_head_off_k)[:, None] + d[None, :],
-                mask=kv_mask, other=0.0).to(DTYPE)  # [BLOCK_N, BLOCK_D]
+                mask=kv_mask, other=0.0).to(PRODUCT_DTYPE)  # [BLOCK_N, BLOCK_D]
     if UPCAST_DOT:
         k = k.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, BLOCK_N]
@@ -135,8 +157,8 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_cache_ptr + (page * stride_vb + row * stride_vt + kv_head_off_v)[:, None] + d[None, :],
-                mask=kv_mask, other=0.0).to(DTYPE)  # [BLOCK_N, BLOCK_D]
-    p = p.to(DTYPE)
+                mask=kv_mask, other=0.0).to(PRODUCT_DTYPE)  # [BLOCK_N, BLOCK_D]
+    p = p.to(PRODUCT_DTYPE)
     if UPCAST_DOT:
         v = v.to(tl.float32)
         p = p.to(tl.float32)
@@ -157,7 +179,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_sta
                     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRODUCT_DTYPE: tl.constexpr):
     head = tl.program_id(0)
     req = tl.load(tiles_ptr + tl.program_id(1))
     if req < 0:  # a padded entry of the tile map
@@ -176,6 +198,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_sta
     io_mask = (rows < q_len)[:, None] & (d < HEAD_DIM)[None, :]
     q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :],
                 mask=io_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    q = _queries_as(q, PRODUCT_DTYPE)
     if UPCAST_DOT:
         q = q.to(tl.float32)
     q_pos = ctx_len + rows
@@ -193,12 +216,12 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_sta
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, off_k, off_v,
                                      stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, n_start, causal_end,
                                      q_pos, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, False, False, UPCAST_DOT,
-                                     DOT_PRECISION, out_ptr.dtype.element_ty)
+                                     DOT_PRECISION, PRODUCT_DTYPE)
     for n_start in range(full_end, causal_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, off_k, off_v,
                                      stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, n_start, causal_end,
                                      q_pos, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, True, UPCAST_DOT,
-                                     DOT_PRECISION, out_ptr.dtype.element_ty)
+                                     DOT_PRECISION, PRODUCT_DTYPE)
     acc = acc / l_i[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -244,7 +267,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=num_heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, PAGE_SIZE=k_cache.shape[1],
-        num_warps=config.num_warps, num_stages=config.num_stages, **dot_args(q.dtype))
+        num_warps=config.num_warps, num_stages=config.num_stages, **_product_args(q, k_cache))
     return out
 
 
@@ -261,7 +284,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
                    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-                   UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+                   UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRODUCT_DTYPE: tl.constexpr,
+                   PDL: tl.constexpr):
     pdl_wait(PDL)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -279,7 +303,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     d = tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP + g  # [BLOCK_G] query heads of this KV head
     io_mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
-    q = tl.load(q_ptr + req * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=io_mask, other=0.0)
+    q = _queries_as(tl.load(q_ptr + req * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=io_mask,
+                            other=0.0), PRODUCT_DTYPE)
     if UPCAST_DOT:
         q = q.to(tl.float32)
 
@@ -291,7 +316,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr,
                                      kv_head * stride_kh, kv_head * stride_vh, stride_kb, stride_kt, stride_vb,
                                      stride_vt, qk_scale, n_start, n_end, 0, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                     PAGE_SIZE, True, False, UPCAST_DOT, DOT_PRECISION, out_ptr.dtype.element_ty)
+                                     PAGE_SIZE, True, False, UPCAST_DOT, DOT_PRECISION, PRODUCT_DTYPE)
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty segment (or context) leaves zeros
     if SPLIT:
         part = (req * tl.num_programs(1) * GROUP + heads) * num_splits + split  # [BLOCK_G] row of [B, Hq, S]
@@ -355,7 +380,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_N=config.block_n, PAGE_SIZE=page_size, SPLIT=split, num_warps=config.num_warps,
-        num_stages=config.num_stages, **dot_args(q.dtype), **pdl_args(q.device))
+        num_stages=config.num_stages, **_product_args(q, k_cache), **pdl_args(q.device))
     if split:
         _split_reduce_kernel[(batch, num_heads)](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
