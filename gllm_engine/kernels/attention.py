@@ -4,8 +4,9 @@ Torch references with the same signatures and semantics: `gllm_engine.kernels.re
 of one layer is two `[NB, BS, Hkv, D]` tensors; context token p of request b lives in block
 `block_tables[b, p // BS]`, row `p % BS`. The kernels look up the block of every token they load, so
 any block size works, and they never load a cache row at or past `seq_lens[b]`. The cache is in q's
-dtype or in float8 e4m3, widened as it is loaded to the dtype of the products (`product_dtype`). It is written by
-`rotary.rotary_write_kv` (or `linear.qkv_rotary_write_kv`), together with the rotation of q and k.
+dtype or in float8 e4m3, widened as it is loaded to the dtype of the products (`product_dtype`). It
+is written by `rotary.rotary_write_kv` (or `linear.qkv_rotary_write_kv`), together with the rotation
+of q and k.
 
 Nothing here reads a device tensor on the host: the decode path can be captured in a CUDA graph.
 """
