@@ -11,7 +11,8 @@ of 10 calls, and the totals are scaled to all steps and all layers.
     python benchmarks/decode_replay.py replay decode_steps.json --config benchmarks/configs/llama3-8b --every 5
 
 For tuning, `--programs-per-sm` overrides the engine's split-K target (`DECODE_PROGRAMS_PER_SM`) and
-`--decode-tiles` the kernel's tiles; `--kv-cache-dtype fp8` times a float8 cache.
+`--decode-tiles` the kernel's tiles; `--kv-cache-dtype fp8` times a float8 cache, `int8` an int8 one
+with its scales.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def replay(args: argparse.Namespace) -> None:
     from rich.table import Table
     from transformers import AutoConfig
 
-    from gllm_engine.kernels import attention
+    from gllm_engine.kernels import attention, reference
     from gllm_engine.runner.cuda_graph import capture_sizes
 
     if not torch.cuda.is_available():
@@ -104,12 +105,19 @@ def replay(args: argparse.Namespace) -> None:
     sampled = recorded["decode_steps"][::args.every]
     sizes = capture_sizes(max_num_seqs)
     num_blocks = max(sum(-(-c // block_size) for c in lens) for lens in sampled) + 1
-    cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else dtype
-    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device=device).to(cache_dtype)
-    v_cache = torch.randn_like(k_cache, dtype=torch.float32).to(cache_dtype)
+    k_cache, v_cache = (torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device=device) for _ in range(2))
+    scales = {}
+    if args.kv_cache_dtype == "int8":
+        (k_cache, k_scales), (v_cache, v_scales) = (reference.quantize_int8(c) for c in (k_cache, v_cache))
+        scales = dict(k_scales=k_scales, v_scales=v_scales)
+    else:
+        cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else dtype
+        k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
+    cache_dtype = k_cache.dtype
     width = -(-max(max(lens) for lens in sampled) // block_size)
     gen = torch.Generator().manual_seed(0)
-    token_bytes = 2 * num_kv_heads * head_dim * k_cache.element_size()  # K and V of one token, one layer
+    # K and V of one token, one layer (with an int8 cache's float32 scales)
+    token_bytes = 2 * num_kv_heads * (head_dim * k_cache.element_size() + (4 if scales else 0))
     results = []  # (batch, context tokens, seconds per call)
     for lens in sampled:
         padded = next(s for s in sizes if s >= len(lens))
@@ -124,7 +132,8 @@ def replay(args: argparse.Namespace) -> None:
         tables, seq_lens_t, out = tables.to(device), torch.from_numpy(seq_lens).to(device), torch.empty_like(q)
 
         def step(q=q, tables=tables, seq_lens_t=seq_lens_t, out=out):
-            attention.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens_t, head_dim**-0.5, out=out)
+            attention.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens_t, head_dim**-0.5, out=out,
+                                             **scales)
 
         step()
         graph = torch.cuda.CUDAGraph()
@@ -172,7 +181,7 @@ def main() -> None:
     rep.add_argument("--config", default="benchmarks/configs/llama3-8b", help="a model config: attention shapes")
     rep.add_argument("--every", type=int, default=5, help="time every Nth decode step")
     rep.add_argument("--programs-per-sm", type=int, default=None, help="override the split-K target")
-    rep.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"), help="auto: bfloat16")
+    rep.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "int8"), help="auto: bfloat16")
     rep.add_argument("--decode-tiles", help="override the decode kernel's tiles: BLOCK_N,NUM_WARPS,NUM_STAGES")
     args = parser.parse_args()
     record(args) if args.command == "record" else replay(args)

@@ -38,7 +38,7 @@ SCALE = HEAD_DIM**-0.5
 DECODE_BATCHES = (1, 32, 256)
 DECODE_CONTEXTS = (128, 512, 1024, 4096)
 DECODE_GRAPH_CASES = ((1, 4096), (32, 1024))  # (batch, context) captured in a CUDA graph
-DECODE_FP8_CASES = ((32, 1024), (256, 512), (256, 4096))  # (batch, context) over a float8 cache
+DECODE_8BIT_CASES = ((32, 1024), (256, 512), (256, 4096))  # (batch, context) over an fp8 and an int8 cache
 # (requests, new tokens each, tokens already cached each): fresh prompts, then chunked prefill / prefix hits
 PREFILL_CASES = ((1, 128, 0), (1, 1024, 0), (1, 4096, 0), (1, 8192, 0), (8, 1024, 0), (4, 512, 3584),
                  (1, 2048, 2048))
@@ -117,22 +117,28 @@ def paged_cache(num_reqs: int, tokens: int, dtype: torch.dtype, device: torch.de
 
 
 def check_decode(kn: Kernels, batch: int, ctx: int, dtype: torch.dtype, device: torch.device, num_sms: int,
-                 fp8_cache: bool = False) -> Row:
-    """Decode attention against the reference; with `fp8_cache` over a float8 e4m3 cache."""
+                 cache: str = "auto") -> Row:
+    """Decode attention against the reference, over a cache in `dtype` ("auto"), float8 e4m3 ("fp8") or
+    int8 with its scales ("int8")."""
     k_cache, v_cache, table = paged_cache(batch, ctx, dtype, device)
-    if fp8_cache:
+    scales = {}
+    if cache == "fp8":
         k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
+    elif cache == "int8":
+        (k_cache, k_scales), (v_cache, v_scales) = (kn.ref.quantize_int8(c) for c in (k_cache, v_cache))
+        scales = dict(k_scales=k_scales, v_scales=v_scales)
     q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=dtype, device=device)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
     args = (q, k_cache, v_cache, table, lens, SCALE)
-    err, ok = compare(kn.attention.paged_decode_attention(*args), kn.ref.paged_decode_attention(*args))
-    us = bench_us(lambda: kn.attention.paged_decode_attention(*args))
-    ref_us = bench_us(lambda: kn.ref.paged_decode_attention(*args))
+    err, ok = compare(kn.attention.paged_decode_attention(*args, **scales),
+                      kn.ref.paged_decode_attention(*args, **scales))
+    us = bench_us(lambda: kn.attention.paged_decode_attention(*args, **scales))
+    ref_us = bench_us(lambda: kn.ref.paged_decode_attention(*args, **scales))
     splits = kn.attention.decode_num_splits(batch, NUM_KV_HEADS, table.shape[1] * BLOCK_SIZE, num_sms)
-    num_bytes = (batch * ctx * NUM_KV_HEADS * 2 * k_cache.element_size()
-                 + 2 * batch * NUM_HEADS * q.element_size()) * HEAD_DIM
-    return Row("paged_decode_attention" + (" fp8 KV" if fp8_cache else ""), f"B={batch} ctx={ctx} splits={splits}",
-               err, ok, us, ref_us, gbps(num_bytes, us))
+    num_bytes = (batch * ctx * NUM_KV_HEADS * 2 * (k_cache.element_size() * HEAD_DIM + (4 if scales else 0))
+                 + 2 * batch * NUM_HEADS * q.element_size() * HEAD_DIM)
+    return Row("paged_decode_attention" + ("" if cache == "auto" else f" {cache} KV"),
+               f"B={batch} ctx={ctx} splits={splits}", err, ok, us, ref_us, gbps(num_bytes, us))
 
 
 def check_decode_graph(kn: Kernels, batch: int, ctx: int, dtype: torch.dtype, device: torch.device) -> Row:
@@ -337,9 +343,10 @@ def main() -> None:
     for batch in pick(DECODE_BATCHES):
         for ctx in pick(DECODE_CONTEXTS):
             cases.append((f"decode B={batch} ctx={ctx}", partial(check_decode, kn, batch, ctx, dtype, device, num_sms)))
-    for batch, ctx in pick(DECODE_FP8_CASES):
-        cases.append((f"decode fp8 KV B={batch} ctx={ctx}",
-                      partial(check_decode, kn, batch, ctx, dtype, device, num_sms, fp8_cache=True)))
+    for cache in ("fp8", "int8"):
+        for batch, ctx in pick(DECODE_8BIT_CASES):
+            cases.append((f"decode {cache} KV B={batch} ctx={ctx}",
+                          partial(check_decode, kn, batch, ctx, dtype, device, num_sms, cache=cache)))
     for batch, ctx in pick(DECODE_GRAPH_CASES):
         cases.append((f"decode graph B={batch} ctx={ctx}", partial(check_decode_graph, kn, batch, ctx, dtype, device)))
     for reqs, q_len, cached in PREFILL_CASES[:2] if args.quick else PREFILL_CASES:

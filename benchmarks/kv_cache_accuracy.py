@@ -1,5 +1,5 @@
-"""What an fp8 KV cache changes in a real model's output: ShareGPT questions answered greedily by the
-same model with its KV cache in the model dtype and in fp8, for each of `--dtypes`, one table.
+"""What an 8-bit KV cache changes in a real model's output: ShareGPT questions answered greedily by the
+same model with its KV cache in the model dtype, in fp8 and in int8, for each of `--dtypes`, one table.
 
 Each question goes through the model's chat template; every engine answers greedily, `--output-len`
 tokens (ignore_eos). Reported against the first run (the first dtype, its own cache dtype): the share
@@ -21,7 +21,7 @@ from rich.table import Table
 from gllm_cli.datasets import read_sharegpt, sample_sharegpt
 from gllm_engine import LLM, SamplingParams
 
-CACHE_DTYPES = ("auto", "fp8")
+CACHE_DTYPES = ("auto", "fp8", "int8")
 
 
 def chat_prompts(llm: LLM, num: int, seed: int) -> list[list[int]]:

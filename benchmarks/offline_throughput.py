@@ -91,7 +91,7 @@ def add_gllm_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="gLLM")
     ap.add_argument("--enforce-eager", action="store_true", help="gLLM: no CUDA graphs")
     ap.add_argument("--no-async-scheduling", action="store_true", help="gLLM: plan a step after the last's tokens")
-    ap.add_argument("--kv-cache-dtype", default="auto", help="gLLM: auto (the model dtype) or fp8")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="gLLM: auto (the model dtype), fp8 or int8")
 
 
 def dummy_gllm(args: argparse.Namespace, config_dir: str) -> Any:

@@ -7,8 +7,8 @@ Workloads (dummy weights, ignore_eos, each engine in a fresh process):
             benchmark), on --small-config (Qwen3-0.6B shapes)
   sweep     B requests of 128 prompt tokens, 256 generated, for each B of --sweep, on --config
 
-With --also-kv-cache-dtype fp8, gLLM runs ShareGPT, batch 1 and uniform a second time with that KV cache
-(no sweep), in rows of their own beside the same transformers runs.
+With --also-kv-cache-dtype fp8 int8, gLLM runs ShareGPT, batch 1 and uniform again with each of those KV
+caches (no sweep), in rows of their own beside the same transformers runs.
 
 Ceilings are measured in the same run: a device-to-device copy (bytes read + written over time) and a
 bf16 8192^3 matrix product. The compute roofline of a workload is that rate over 2 FLOP per parameter
@@ -168,18 +168,18 @@ def print_report(report: dict[str, Any]) -> None:
                       f"{row['total_tokens_per_s']:,.0f}", _ratio(row, base) if engine.startswith("gLLM") else "1.0x",
                       _pct(row["total_tokens_per_s"], bound))
 
-    also = report.get("also_kv_cache_dtype")
+    also = report.get("also_kv_cache_dtypes") or []
     for workload, model in (("sharegpt", "large"), ("uniform", "small")):
         if f"gllm_{model}" not in report:  # not among --models
             continue
         base = report[f"transformers_{model}"]
         runs = [("gLLM", report[f"gllm_{model}"])]
-        if also:
-            runs.append((f"gLLM, KV cache {also}", report[f"gllm_{model}_also"]))
+        runs += [(f"gLLM, KV cache {cache}", report[f"gllm_{model}_{cache}"]) for cache in also]
         for engine, run in runs:
             add(workload, run.get("sharegpt") if model == "large" else run, base, roof[model], engine=engine)
         add(workload, base, None, roof[model], engine=base.get("engine", "transformers"))
-    for engine, key in (("gLLM", "gllm_large"), (f"gLLM, KV cache {also}", "gllm_large_also")):
+    batch1_runs = [("gLLM", "gllm_large")] + [(f"gLLM, KV cache {cache}", f"gllm_large_{cache}") for cache in also]
+    for engine, key in batch1_runs:
         b1 = report.get(key, {}).get("batch1")
         if b1:
             decode = b1["decode_tokens_per_s"]
@@ -224,8 +224,9 @@ def main() -> None:
     ap.add_argument("--max-output-len", type=int, default=None, help="cap ShareGPT/uniform outputs (smoke runs)")
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
                     help="large: ShareGPT, batch 1 and the sweep on --config; small: uniform on --small-config")
-    ap.add_argument("--also-kv-cache-dtype", help="gLLM: run ShareGPT, batch 1 and uniform again with this "
-                                                  "KV cache dtype (e.g. fp8)")
+    ap.add_argument("--also-kv-cache-dtype", nargs="+", default=[], help="gLLM: run ShareGPT, batch 1 and "
+                                                                         "uniform again with each of these KV "
+                                                                         "cache dtypes (fp8, int8)")
     ap.add_argument("--transformers-timeout", type=float, default=120.0)
     ap.add_argument("--gllm-timeout", type=float, default=900.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -242,11 +243,10 @@ def main() -> None:
     params = {"large": _params(args.config), "small": _params(args.small_config)}
     itemsize = 4 if args.dtype == "float32" else 2
     report: dict[str, Any] = dict(device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
-                                  also_kv_cache_dtype=args.also_kv_cache_dtype, config=args.config,
+                                  also_kv_cache_dtypes=args.also_kv_cache_dtype, config=args.config,
                                   small_config=args.small_config, params=params,
                                   weight_bytes=params["large"] * itemsize, batch1_shape=args.batch1)
     gllm_limit, hf_limit = args.gllm_timeout + STOP_GRACE_S, args.transformers_timeout + STOP_GRACE_S
-    also = with_kv_cache_dtype(args, args.also_kv_cache_dtype) if args.also_kv_cache_dtype else None
     steps = [("ceilings", None, "ceilings", measure_ceilings, args, [], 600.0),
              ("gllm_large", "large", "gLLM", gllm_large, args, sharegpt, gllm_limit),
              ("transformers_large", "large", "transformers", run_transformers, transformers_on(args.config, args),
@@ -254,9 +254,10 @@ def main() -> None:
              ("gllm_small", "small", "gLLM", gllm_small, args, uniform, gllm_limit),
              ("transformers_small", "small", "transformers", run_transformers,
               transformers_on(args.small_config, args), uniform, hf_limit)]
-    if also:
-        steps += [("gllm_large_also", "large", "gLLM", gllm_large, also, sharegpt, gllm_limit),
-                  ("gllm_small_also", "small", "gLLM", gllm_small, also, uniform, gllm_limit)]
+    for cache in args.also_kv_cache_dtype:
+        other = with_kv_cache_dtype(args, cache)
+        steps += [(f"gllm_large_{cache}", "large", "gLLM", gllm_large, other, sharegpt, gllm_limit),
+                  (f"gllm_small_{cache}", "small", "gLLM", gllm_small, other, uniform, gllm_limit)]
     steps = [step for step in steps if step[1] in (None, *args.models)]
     for key, _model, name, runner, run_args, requests, limit in steps:
         print(f"{key}: running", flush=True)

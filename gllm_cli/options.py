@@ -48,8 +48,10 @@ ENGINE_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "attention_backend": (Annotated[str, typer.Option(help="Paged attention: auto (flash-attn where it is installed, "
                                                            "on a GPU in 16-bit), triton or flash-attn.",
                                                       rich_help_panel=PANEL)], "auto", "attention_backend"),
-    "kv_cache_dtype": (Annotated[str, typer.Option(help="KV-cache dtype: auto (the model's) or fp8 (e4m3, half "
-                                                        "the memory and reads; unscaled).", rich_help_panel=PANEL)],
+    "kv_cache_dtype": (Annotated[str, typer.Option(help="KV-cache dtype: auto (the model's), fp8 (e4m3, unscaled) "
+                                                        "or int8 (a scale per token and head); the 8-bit ones take "
+                                                        "half a 16-bit cache's memory and reads.",
+                                                   rich_help_panel=PANEL)],
                        "auto", "kv_cache_dtype"),
     "enable_prefix_caching": (Annotated[bool, typer.Option("--enable-prefix-caching/--no-enable-prefix-caching",
                                                            help="Reuse cached KV blocks of shared prefixes.",

@@ -20,8 +20,10 @@ _DTYPES = {
 }
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 ATTENTION_BACKENDS = ("auto", "triton", "flash-attn")
-# "auto": the model dtype; "fp8" (= "fp8_e4m3"): float8 e4m3, unscaled, values beyond +-448 saturate
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+# "auto": the model dtype; "fp8" (= "fp8_e4m3"): float8 e4m3, unscaled, values beyond +-448 saturate;
+# "int8": int8 with one float32 scale per token and KV head (its largest |value| becomes 127)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "int8")
+_KV_CACHE_TORCH_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
 DEFAULT_BLOCK_SIZE = 16
 # Default KV-cache budget on the CPU, in GiB (the CPU has no memory profiling pass).
 DEFAULT_CPU_KV_CACHE_GIB = 4.0
@@ -191,7 +193,7 @@ class EngineConfig:
                               f"got {attention_backend!r}")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
-        cache_dtype = None if kv_cache_dtype == "auto" else torch.float8_e4m3fn
+        cache_dtype = _KV_CACHE_TORCH_DTYPES.get(kv_cache_dtype)
         if max_num_seqs is None:
             max_num_seqs = GPU_MAX_NUM_SEQS if torch_device.type == "cuda" else DEFAULT_MAX_NUM_SEQS
         for name, value in (("block_size", DEFAULT_BLOCK_SIZE if block_size is None else block_size),
@@ -227,7 +229,7 @@ class EngineConfig:
         torch_dtype = _resolve_dtype(dtype, hf_config, torch_device)
         attention_backend = resolve_attention_backend(attention_backend, torch_device, torch_dtype,
                                                       use_reference_kernels, flash.is_available(),
-                                                      fp8_kv_cache=cache_dtype is not None)
+                                                      cache_dtype=cache_dtype)
         block_size = _resolve_block_size(block_size, attention_backend)
 
         derived_len = _derived_max_model_len(hf_config)
@@ -333,19 +335,21 @@ def _resolve_device(device: str) -> torch.device:
 
 def resolve_attention_backend(requested: str, device: torch.device, dtype: torch.dtype,
                               use_reference_kernels: bool, flash_attn_installed: bool,
-                              fp8_kv_cache: bool = False) -> str:
+                              cache_dtype: torch.dtype | None = None) -> str:
     """"triton" or "flash-attn" for `requested` ("auto": flash-attn where it can run and is installed).
 
-    flash-attn runs on CUDA in float16/bfloat16 with a cache of that dtype, and not with the reference
-    kernels forced; off CUDA, "triton" means the engine's own kernels, i.e. the torch references there.
+    flash-attn runs on CUDA in float16/bfloat16 with a cache of that dtype (`cache_dtype` None), and not
+    with the reference kernels forced; off CUDA, "triton" means the engine's own kernels, i.e. the torch
+    references there.
     """
     usable = (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not use_reference_kernels
-              and not fp8_kv_cache)
+              and cache_dtype is None)
     if requested == "flash-attn":
         if not usable:
+            cache = f", a {str(cache_dtype).removeprefix('torch.')} KV cache" if cache_dtype else ""
             raise ConfigError("attention_backend flash-attn needs a CUDA device, float16 or bfloat16, a KV cache "
                               f"of that dtype and the Triton kernels (got {device.type}, "
-                              f"{str(dtype).removeprefix('torch.')}{', an fp8 KV cache' if fp8_kv_cache else ''}"
+                              f"{str(dtype).removeprefix('torch.')}{cache}"
                               f"{', reference kernels' if use_reference_kernels else ''})")
         if not flash_attn_installed:
             raise ConfigError("attention_backend flash-attn needs the flash-attn package "

@@ -4,9 +4,10 @@ Torch references with the same signatures and semantics: `gllm_engine.kernels.re
 of one layer is two `[NB, BS, Hkv, D]` tensors; context token p of request b lives in block
 `block_tables[b, p // BS]`, row `p % BS`. The kernels look up the block of every token they load, so
 any block size works, and they never load a cache row at or past `seq_lens[b]`. The cache is in q's
-dtype or in float8 e4m3, widened as it is loaded to the dtype of the products (`product_dtype`). It
-is written by `rotary.rotary_write_kv` (or `linear.qkv_rotary_write_kv`), together with the rotation
-of q and k.
+dtype, in float8 e4m3, or in int8 with a float32 scale per token and KV head (`[NB, BS, Hkv]`
+`k_scales` / `v_scales`); it is widened as it is loaded to the dtype of the products (`product_dtype`).
+It is written by `rotary.rotary_write_kv` (or `linear.qkv_rotary_write_kv`), together with the
+rotation of q and k.
 
 Nothing here reads a device tensor on the host: the decode path can be captured in a CUDA graph.
 """
@@ -97,16 +98,27 @@ _LOG2E = 1.4426950408889634
 
 def product_dtype(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> torch.dtype:
     """The dtype both attention products take their operands in: q's, except that bfloat16 queries over an
-    fp8 cache multiply in float16. Hopper widens a pair of float8 values to float16 in one instruction;
+    8-bit cache multiply in float16. Hopper widens a pair of float8 values to float16 in one instruction;
     to reach bfloat16, Triton converts each half once more, which made decode with an fp8 cache slower
-    than with a bf16 one (`benchmarks/RESULTS.md`, 2026-12-01)."""
-    return torch.float16 if cache_dtype == torch.float8_e4m3fn and q_dtype == torch.bfloat16 else q_dtype
+    than with a bf16 one (`benchmarks/RESULTS.md`, 2026-12-01). int8 values are exact in float16 too."""
+    narrow = cache_dtype in (torch.float8_e4m3fn, torch.int8) and q_dtype == torch.bfloat16
+    return torch.float16 if narrow else q_dtype
 
 
-def _product_args(q: torch.Tensor, k_cache: torch.Tensor) -> dict:
-    """`dot_args` and the PRODUCT_DTYPE constexpr of the kernels' products."""
+def _cache_args(q: torch.Tensor, k_cache: torch.Tensor, k_scales: torch.Tensor | None,
+                v_scales: torch.Tensor | None) -> tuple[tuple, dict]:
+    """The kernels' scale arguments (pointers, block and row strides; placeholders without scales) and
+    their constexprs: QUANT, PRODUCT_DTYPE and `dot_args`."""
+    quant = k_cache.dtype == torch.int8
+    if quant:
+        assert k_scales is not None and v_scales is not None and k_scales.stride() == v_scales.stride()
+        assert k_scales.stride(-1) == 1 and k_scales.dtype == v_scales.dtype == torch.float32
+        scale_args = (k_scales, v_scales, k_scales.stride(0), k_scales.stride(1))
+    else:
+        scale_args = (k_cache, k_cache, 0, 0)
     dtype = product_dtype(q.dtype, k_cache.dtype)
-    return dict(PRODUCT_DTYPE=getattr(tl, str(dtype).removeprefix("torch.")), **dot_args(dtype))
+    return scale_args, dict(QUANT=quant, PRODUCT_DTYPE=getattr(tl, str(dtype).removeprefix("torch.")),
+                            **dot_args(dtype))
 
 
 @triton.jit
@@ -122,15 +134,18 @@ def _queries_as(q, PRODUCT_DTYPE: tl.constexpr):
 
 @triton.jit
 def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_off_k, kv_head_off_v,
-                 stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, n_start, n_end, q_pos,
+                 stride_kb, stride_kt, stride_vb, stride_vt, k_scale_ptr, v_scale_ptr, stride_sb, stride_st,
+                 kv_head, qk_scale, n_start, n_end, q_pos,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PAGE_SIZE: tl.constexpr, MASK_TOKENS: tl.constexpr, CAUSAL: tl.constexpr,
+                 PAGE_SIZE: tl.constexpr, MASK_TOKENS: tl.constexpr, CAUSAL: tl.constexpr, QUANT: tl.constexpr,
                  UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRODUCT_DTYPE: tl.constexpr):
     """Fold context tokens `[n_start, n_start + BLOCK_N)` (those `< n_end`) into (acc, m_i, l_i).
 
     Without MASK_TOKENS every token of the tile is known valid. With CAUSAL, query row i only sees
     tokens at positions `<= q_pos[i]`. `q` is in PRODUCT_DTYPE (`product_dtype`); a cache tile is widened
-    to it, and the probabilities enter the second product in it.
+    to it, and the probabilities enter the second product in it. With QUANT (an int8 cache) the scores
+    take each token's K scale, and the probabilities its V scale over the tile's largest, which keeps
+    them in [0, 1] for float16; the product is scaled back by that largest.
     """
     n = n_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     d = tl.arange(0, BLOCK_D)
@@ -143,11 +158,21 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_
         page = tl.load(table_ptr + n // PAGE_SIZE).to(tl.int64)
         kv_mask = d_mask[None, :]
     row = (n % PAGE_SIZE).to(tl.int64)
+    if QUANT:
+        scale_off = page * stride_sb + row * stride_st + kv_head
+        if MASK_TOKENS:
+            k_scale = tl.load(k_scale_ptr + scale_off, mask=n_mask, other=0.0)
+            v_scale = tl.load(v_scale_ptr + scale_off, mask=n_mask, other=0.0)
+        else:
+            k_scale = tl.load(k_scale_ptr + scale_off)
+            v_scale = tl.load(v_scale_ptr + scale_off)
     k = tl.load(k_cache_ptr + (page * stride_kb + row * stride_kt + kv_head_off_k)[:, None] + d[None, :],
                 mask=kv_mask, other=0.0).to(PRODUCT_DTYPE)  # [BLOCK_N, BLOCK_D]
     if UPCAST_DOT:
         k = k.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, BLOCK_N]
+    if QUANT:
+        s = s * k_scale[None, :]
     if MASK_TOKENS:
         visible = n_mask[None, :]
         if CAUSAL:
@@ -159,11 +184,17 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_cache_ptr + (page * stride_vb + row * stride_vt + kv_head_off_v)[:, None] + d[None, :],
                 mask=kv_mask, other=0.0).to(PRODUCT_DTYPE)  # [BLOCK_N, BLOCK_D]
+    if QUANT:
+        v_max = tl.maximum(tl.max(v_scale, 0), 1e-30)
+        p = p * (v_scale / v_max)[None, :]
     p = p.to(PRODUCT_DTYPE)
     if UPCAST_DOT:
         v = v.to(tl.float32)
         p = p.to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+    pv = tl.dot(p, v, input_precision=DOT_PRECISION)
+    if QUANT:
+        pv = pv * v_max
+    acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
 
 
@@ -178,8 +209,9 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_sta
                     tiles_ptr, out_ptr, qk_scale, num_tiles,
                     stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
+                    k_scale_ptr, v_scale_ptr, stride_sb, stride_st,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, QUANT: tl.constexpr,
                     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRODUCT_DTYPE: tl.constexpr):
     head = tl.program_id(0)
     req = tl.load(tiles_ptr + tl.program_id(1))
@@ -215,13 +247,15 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_sta
     causal_end = tl.minimum(seq_len, ctx_len + (tile + 1) * BLOCK_M)
     for n_start in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, off_k, off_v,
-                                     stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, n_start, causal_end,
-                                     q_pos, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, False, False, UPCAST_DOT,
+                                     stride_kb, stride_kt, stride_vb, stride_vt, k_scale_ptr, v_scale_ptr,
+                                     stride_sb, stride_st, kv_head, qk_scale, n_start, causal_end, q_pos,
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, False, False, QUANT, UPCAST_DOT,
                                      DOT_PRECISION, PRODUCT_DTYPE)
     for n_start in range(full_end, causal_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, off_k, off_v,
-                                     stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, n_start, causal_end,
-                                     q_pos, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, True, UPCAST_DOT,
+                                     stride_kb, stride_kt, stride_vb, stride_vt, k_scale_ptr, v_scale_ptr,
+                                     stride_sb, stride_st, kv_head, qk_scale, n_start, causal_end, q_pos,
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, True, QUANT, UPCAST_DOT,
                                      DOT_PRECISION, PRODUCT_DTYPE)
     acc = acc / l_i[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
@@ -229,7 +263,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_sta
 
 
 def _check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
-    assert k_cache.dtype == v_cache.dtype in (q.dtype, torch.float8_e4m3fn), "the KV cache is in q's dtype or fp8"
+    assert k_cache.dtype == v_cache.dtype in (q.dtype, torch.float8_e4m3fn, torch.int8), \
+        "the KV cache is in q's dtype, fp8 or int8"
     assert out.dtype == q.dtype
     assert q.shape[-1] == k_cache.shape[-1] and q.shape[1] % k_cache.shape[2] == 0
     assert out.shape == q.shape
@@ -244,7 +279,9 @@ def prefill_block_m(head_dim: int, dtype: torch.dtype) -> int:
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                             seq_lens: torch.Tensor, tiles: torch.Tensor, scale: float,
-                            out: torch.Tensor | None = None, *, num_decodes: int = 0) -> torch.Tensor:
+                            out: torch.Tensor | None = None, *, num_decodes: int = 0,
+                            k_scales: torch.Tensor | None = None,
+                            v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the new queries `[T, Hq, D]` of the requests named in `tiles` over their cached context.
 
     Request b's queries are `q[query_start_loc[b]:query_start_loc[b+1]]`; its j-th query sits at
@@ -261,14 +298,15 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     assert tiles.stride(1) == 1 and tiles.stride(0) == num_tiles, "the tile map must be contiguous"
     num_heads, head_dim = q.shape[1], q.shape[2]
     config = prefill_config(head_dim, q.dtype)
+    scale_args, cache_constexprs = _cache_args(q, k_cache, k_scales, v_scales)
     _prefill_kernel[(num_heads, num_tiles)](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, tiles, out, scale * _LOG2E, num_tiles,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), *scale_args,
         GROUP=num_heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, PAGE_SIZE=k_cache.shape[1],
-        num_warps=config.num_warps, num_stages=config.num_stages, **_product_args(q, k_cache))
+        num_warps=config.num_warps, num_stages=config.num_stages, **cache_constexprs)
     return out
 
 
@@ -283,8 +321,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
                    part_out_ptr, part_lse_ptr, qk_scale, num_splits,
                    stride_qb, stride_qh, stride_ob, stride_oh,
                    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
+                   k_scale_ptr, v_scale_ptr, stride_sb, stride_st,
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr, QUANT: tl.constexpr,
                    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRODUCT_DTYPE: tl.constexpr,
                    PDL: tl.constexpr):
     pdl_wait(PDL)
@@ -316,8 +355,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     for n_start in range(n_begin, n_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr,
                                      kv_head * stride_kh, kv_head * stride_vh, stride_kb, stride_kt, stride_vb,
-                                     stride_vt, qk_scale, n_start, n_end, 0, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                     PAGE_SIZE, True, False, UPCAST_DOT, DOT_PRECISION, PRODUCT_DTYPE)
+                                     stride_vt, k_scale_ptr, v_scale_ptr, stride_sb, stride_st, kv_head, qk_scale,
+                                     n_start, n_end, 0, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, False, QUANT,
+                                     UPCAST_DOT, DOT_PRECISION, PRODUCT_DTYPE)
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty segment (or context) leaves zeros
     if SPLIT:
         part = (req * tl.num_programs(1) * GROUP + heads) * num_splits + split  # [BLOCK_G] row of [B, Hq, S]
@@ -352,7 +392,8 @@ def _split_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, *, k_scales: torch.Tensor | None = None,
+                           v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query per request `[B, Hq, D]` over its `seq_lens[b]` cached tokens.
 
     Split-K is chosen by `decode_num_splits` from the batch size, the SM count and the block-table
@@ -374,14 +415,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         part_out = part_lse = out  # unused
     block_d = triton.next_power_of_2(head_dim)
+    scale_args, cache_constexprs = _cache_args(q, k_cache, k_scales, v_scales)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, scale * _LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), *scale_args,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_N=config.block_n, PAGE_SIZE=page_size, SPLIT=split, num_warps=config.num_warps,
-        num_stages=config.num_stages, **_product_args(q, k_cache), **pdl_args(q.device))
+        num_stages=config.num_stages, **cache_constexprs, **pdl_args(q.device))
     if split:
         _split_reduce_kernel[(batch, num_heads)](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),

@@ -218,9 +218,11 @@ def qkv_rotary_write_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         num_kv_heads: int, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                         k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                         qk_norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
-                        eps: float = 0.0) -> torch.Tensor:
+                        eps: float = 0.0, *, k_scales: torch.Tensor | None = None,
+                        v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """`reference.qkv_rotary_write_kv`: the projection, rotary and cache store in one skinny kernel where
-    `uses_skinny_kernel` says so and no per-head norm comes first; else `linear`, then `rotary_write_kv`."""
+    `uses_skinny_kernel` says so, no per-head norm comes first and the cache is not int8 (a program holds
+    part of a head, not the whole row a scale is taken over); else `linear`, then `rotary_write_kv`."""
     head_dim = k_cache.shape[-1]
     if (qk_norm_weights is None and uses_skinny_kernel(x, weight) and head_dim % 32 == 0
             and k_cache.dtype == v_cache.dtype in (x.dtype, torch.float8_e4m3fn)
@@ -230,7 +232,7 @@ def qkv_rotary_write_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                                   v_cache, slot_mapping)
     qkv = linear(x, weight, bias)
     rotary_write_kv(*qkv_heads(qkv, num_q_heads, num_kv_heads, head_dim), positions, cos_sin_cache, k_cache,
-                    v_cache, slot_mapping, qk_norm_weights, eps)
+                    v_cache, slot_mapping, qk_norm_weights, eps, k_scales=k_scales, v_scales=v_scales)
     return qkv
 
 

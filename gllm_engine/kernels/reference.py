@@ -3,7 +3,9 @@
 They run on any device and are the CPU path of the engine. Shapes use T = tokens in the step,
 B = requests, Hq/Hkv = query/KV heads, D = head size, NB = cache blocks, BS = block size.
 The KV cache of one layer is two tensors `[NB, BS, Hkv, D]`; a token at position p of a request
-lives in block `block_table[p // BS]`, row `p % BS`, i.e. flat slot `block * BS + p % BS`.
+lives in block `block_table[p // BS]`, row `p % BS`, i.e. flat slot `block * BS + p % BS`. An int8
+cache comes with two float32 scale tensors `[NB, BS, Hkv]` (`k_scales`, `v_scales`): a stored row
+times its scale is the value (`quantize_int8`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 FP8_MAX = 448.0  # the largest finite float8 e4m3 value
+INT8_MAX = 127.0  # an int8 cache row's largest |value| is stored as this
+_TINY = 1e-30  # the smallest largest-|value| an int8 row is scaled by (an all-zero row stays zero)
 
 
 def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -21,19 +25,41 @@ def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `[..., D]` as an int8 cache stores them: values `[..., D]` and float32 scales `[...]`.
+
+    A row's scale is its largest |value| over INT8_MAX; the values are the row times INT8_MAX over that
+    largest |value|, rounded half away from zero, so the largest lands on +-127.
+    """
+    amax = x.float().abs().amax(-1)
+    scaled = x.float() * (INT8_MAX / amax.clamp(min=_TINY))[..., None]
+    return torch.trunc(scaled + 0.5 * scaled.sign()).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), amax / INT8_MAX
+
+
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+                   slot_mapping: torch.Tensor, *, k_scales: torch.Tensor | None = None,
+                   v_scales: torch.Tensor | None = None) -> None:
     """Store `key`/`value` `[T, Hkv, D]` at flat slots `slot_mapping` `[T]` (negative slots are skipped),
-    converted to the caches' dtype (`to_cache_dtype`)."""
+    converted to the caches' dtype (`to_cache_dtype`; an int8 cache by `quantize_int8`, its scales
+    stored in `k_scales` / `v_scales`)."""
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
-    for cache, x in ((k_cache, key), (v_cache, value)):
-        x = to_cache_dtype(x, cache.dtype)
+    for cache, scales, x in ((k_cache, k_scales, key), (v_cache, v_scales, value)):
+        if cache.dtype == torch.int8:
+            x, scale = quantize_int8(x)
+            scales.view(num_blocks * block_size, num_kv_heads).index_copy_(0, slot_mapping, scale)
+        else:
+            x = to_cache_dtype(x, cache.dtype)
         if cache.element_size() == 1:  # torch has no index_copy_ for float8: copy the bytes
             cache, x = cache.view(torch.uint8), x.view(torch.uint8)
         cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, x)
+
+
+def dequantize(cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """Cache rows `[..., D]` in float32: an int8 cache's times their `scales` `[...]`, any other's widened."""
+    return cache.float() if scales is None else cache.float() * scales[..., None]
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -46,7 +72,9 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                             seq_lens: torch.Tensor, tiles: torch.Tensor, scale: float,
-                            out: torch.Tensor | None = None, *, num_decodes: int = 0) -> torch.Tensor:
+                            out: torch.Tensor | None = None, *, num_decodes: int = 0,
+                            k_scales: torch.Tensor | None = None,
+                            v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the new queries of the requests named in `tiles` over their whole cached context.
 
     q: `[T, Hq, D]`, requests packed by `query_start_loc` `[B+1]`. Request b has q_b queries and
@@ -55,6 +83,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     is the kernel's tile map (`layers.attention.prefill_tile_map`): only its requests (row 0, -1 for
     padding) are computed, whole, whatever its tiling; rows of other requests are not written.
     `num_decodes` is not read (the tile map leaves the decodes out); `flash.paged_prefill_attention` needs it.
+    Over an int8 cache (with its scales) the products are taken in float32.
     """
     out = torch.empty_like(q) if out is None else out
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
@@ -64,17 +93,24 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q_len = q_end - q_start
         if q_len == 0:
             continue
-        k = _gather_context(k_cache, block_tables[b], seq_len).to(q.dtype)  # [S, Hkv, D]
-        v = _gather_context(v_cache, block_tables[b], seq_len).to(q.dtype)
+        table = block_tables[b]
+        queries = q[q_start:q_end]
+        if k_scales is None:
+            k = _gather_context(k_cache, table, seq_len).to(q.dtype)  # [S, Hkv, D]
+            v = _gather_context(v_cache, table, seq_len).to(q.dtype)
+        else:
+            k = dequantize(_gather_context(k_cache, table, seq_len), _gather_context(k_scales, table, seq_len))
+            v = dequantize(_gather_context(v_cache, table, seq_len), _gather_context(v_scales, table, seq_len))
+            queries = queries.float()
         if num_heads != num_kv_heads:
             k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
             v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
         mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos  # [q_len, S]
         o = F.scaled_dot_product_attention(
-            q[q_start:q_end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+            queries.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
             attn_mask=mask, scale=scale)  # [Hq, q_len, D]
-        out[q_start:q_end] = o.transpose(0, 1)
+        out[q_start:q_end] = o.transpose(0, 1).to(out.dtype)
     return out
 
 
@@ -86,7 +122,8 @@ def prefill_block_m(head_dim: int, dtype: torch.dtype) -> int:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, *, k_scales: torch.Tensor | None = None,
+                           v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query per request `[B, Hq, D]` over its `seq_lens[b]` cached tokens (zeros where 0).
 
     Batched: contexts are gathered into a padded `[B, S_max, Hkv, D]` tensor and masked.
@@ -99,16 +136,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_len = int(seq_lens.max())
     max_blocks = (max_len + block_size - 1) // block_size
     table = block_tables[:, :max_blocks].long()
-    k = k_cache[table].flatten(1, 2)[:, :max_len]  # [B, S, Hkv, D]
-    v = v_cache[table].flatten(1, 2)[:, :max_len]
+    k, v = (dequantize(cache[table].flatten(1, 2)[:, :max_len],  # [B, S, Hkv, D]
+                       None if scales is None else scales[table].flatten(1, 2)[:, :max_len])
+            for cache, scales in ((k_cache, k_scales), (v_cache, v_scales)))
     group = num_heads // num_kv_heads
     qg = q.view(batch, num_kv_heads, group, head_dim).float()
-    scores = torch.einsum("bhgd,bshd->bhgs", qg, k.float()) * scale
+    scores = torch.einsum("bhgd,bshd->bhgs", qg, k) * scale
     valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None].to(q.device)
     scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1).nan_to_num(0.0)  # an empty context (padding) gives zeros
     # Rows past a request's seq_len are stale or never written (maybe NaN): 0 * NaN would leak in.
-    v = v.float().masked_fill(~valid[:, :, None, None], 0.0)
+    v = v.masked_fill(~valid[:, :, None, None], 0.0)
     o = torch.einsum("bhgs,bshd->bhgd", probs, v)
     out.copy_(o.reshape(batch, num_heads, head_dim).to(out.dtype))
     return out
@@ -160,7 +198,8 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                     cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     slot_mapping: torch.Tensor, qk_norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    eps: float = 0.0) -> torch.Tensor:
+                    eps: float = 0.0, *, k_scales: torch.Tensor | None = None,
+                    v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """What a layer does to this step's q `[T, Hq, D]`, k and v `[T, Hkv, D]` before attending.
 
     With `qk_norm_weights` (q weight, k weight; Qwen3's per-head RMSNorm) q and k are normalized per
@@ -173,7 +212,7 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     rotated_q, rotated_k = apply_rotary(q, k, positions, cos_sin_cache)
     q.copy_(rotated_q)
     k.copy_(rotated_k)
-    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scales=k_scales, v_scales=v_scales)
     return q
 
 
@@ -181,12 +220,13 @@ def qkv_rotary_write_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         num_kv_heads: int, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                         k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                         qk_norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
-                        eps: float = 0.0) -> torch.Tensor:
+                        eps: float = 0.0, *, k_scales: torch.Tensor | None = None,
+                        v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """A layer's qkv projection `[T, (Hq + 2 Hkv) D]` of `x`, through `rotary_write_kv`: q and k in it
     normalized (with `qk_norm_weights`) and rotated, k and v stored in the caches."""
     qkv = F.linear(x, weight, bias)
     rotary_write_kv(*qkv_heads(qkv, num_q_heads, num_kv_heads, k_cache.shape[-1]), positions, cos_sin_cache,
-                    k_cache, v_cache, slot_mapping, qk_norm_weights, eps)
+                    k_cache, v_cache, slot_mapping, qk_norm_weights, eps, k_scales=k_scales, v_scales=v_scales)
     return qkv
 
 

@@ -40,6 +40,19 @@ def cache_value(x, cache_ptr):
 
 
 @triton.jit
+def _store_int8_rows(cache, scale_ptrs, x1, x2, mask, row_mask, HALF: tl.constexpr):
+    """Store rows given as halves `[R, C]` (float32) in an int8 cache, as `reference.quantize_int8` does:
+    the row's largest |value| becomes 127 and that over 127 is stored at `scale_ptrs` `[R]`."""
+    amax = tl.maximum(tl.max(tl.abs(x1), 1), tl.max(tl.abs(x2), 1))
+    inv = (127.0 / tl.maximum(amax, 1e-30))[:, None]
+    y1, y2 = x1 * inv, x2 * inv
+    # half away from zero, then truncated by the conversion
+    tl.store(cache, tl.clamp(y1 + tl.where(y1 >= 0, 0.5, -0.5), -127.0, 127.0).to(tl.int8), mask=mask)
+    tl.store(cache + HALF, tl.clamp(y2 + tl.where(y2 >= 0, 0.5, -0.5), -127.0, 127.0).to(tl.int8), mask=mask)
+    tl.store(scale_ptrs, amax / 127.0, mask=row_mask)
+
+
+@triton.jit
 def _norm_and_rotate(x1, x2, w_ptr, cos, sin, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
                      HAS_NORM: tl.constexpr, dtype: tl.constexpr):
     """Both halves `[BLOCK_H, BLOCK_HALF]` (float32) of some heads: RMSNorm'd if HAS_NORM, then rotated."""
@@ -56,12 +69,12 @@ def _norm_and_rotate(x1, x2, w_ptr, cos, sin, eps, HALF: tl.constexpr, BLOCK_HAL
 
 @triton.jit
 def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                            q_norm_ptr, k_norm_ptr, eps,
+                            q_norm_ptr, k_norm_ptr, k_scale_ptr, v_scale_ptr, eps,
                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
-                            stride_cb, stride_ct, stride_ch, stride_vcb, stride_vct, stride_vch,
+                            stride_cb, stride_ct, stride_ch, stride_vcb, stride_vct, stride_vch, stride_sb, stride_st,
                             NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
                             BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                            HAS_NORM: tl.constexpr, PDL: tl.constexpr):
+                            HAS_NORM: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     # grid axis 1: the blocks of BLOCK_H q heads, then those of KV heads; a program's other range is empty
@@ -102,21 +115,31 @@ def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_p
         tl.store(ptr, y1, mask=mask)
         tl.store(ptr + HALF, y2, mask=mask)
         cache = k_cache_ptr + page * stride_cb + row * stride_ct + h[:, None] * stride_ch + j[None, :]
-        tl.store(cache, cache_value(y1, cache), mask=cache_mask)
-        tl.store(cache + HALF, cache_value(y2, cache), mask=cache_mask)
         src = v_ptr + t * stride_vt + h[:, None] * stride_vh + j[None, :]
         dst = v_cache_ptr + page * stride_vcb + row * stride_vct + h[:, None] * stride_vch + j[None, :]
-        tl.store(dst, cache_value(tl.load(src, mask=cache_mask), dst), mask=cache_mask)
-        tl.store(dst + HALF, cache_value(tl.load(src + HALF, mask=cache_mask), dst), mask=cache_mask)
+        if QUANT:
+            scale_off = page * stride_sb + row * stride_st + h
+            row_mask = h < stored_heads
+            _store_int8_rows(cache, k_scale_ptr + scale_off, y1.to(tl.float32), y2.to(tl.float32), cache_mask,
+                            row_mask, HALF)
+            _store_int8_rows(dst, v_scale_ptr + scale_off, tl.load(src, mask=cache_mask, other=0.0).to(tl.float32),
+                            tl.load(src + HALF, mask=cache_mask, other=0.0).to(tl.float32), cache_mask, row_mask,
+                            HALF)
+        else:
+            tl.store(cache, cache_value(y1, cache), mask=cache_mask)
+            tl.store(cache + HALF, cache_value(y2, cache), mask=cache_mask)
+            tl.store(dst, cache_value(tl.load(src, mask=cache_mask), dst), mask=cache_mask)
+            tl.store(dst + HALF, cache_value(tl.load(src + HALF, mask=cache_mask), dst), mask=cache_mask)
 
 
 def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                     cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     slot_mapping: torch.Tensor, qk_norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    eps: float = 0.0) -> torch.Tensor:
+                    eps: float = 0.0, *, k_scales: torch.Tensor | None = None,
+                    v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Normalize (with `qk_norm_weights`) and rotate q `[T, Hq, D]` and k `[T, Hkv, D]` in place at
-    `positions`, and store k and v in `[NB, BS, Hkv, D]` caches (q's dtype or float8 e4m3) at
-    `slot_mapping` (negative: skipped).
+    `positions`, and store k and v in `[NB, BS, Hkv, D]` caches (q's dtype, float8 e4m3, or int8 with
+    its `[NB, BS, Hkv]` float32 scales `k_scales` / `v_scales`) at `slot_mapping` (negative: skipped).
 
     `cos_sin_cache` is `[max_pos, D]`: cos in the first D/2 columns, sin in the last D/2. Returns q.
     """
@@ -125,16 +148,23 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
         return q
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == cos_sin_cache.stride(-1) == 1
     assert k_cache.stride(-1) == v_cache.stride(-1) == 1
-    assert k_cache.dtype == v_cache.dtype in (q.dtype, torch.float8_e4m3fn)
+    assert k_cache.dtype == v_cache.dtype in (q.dtype, torch.float8_e4m3fn, torch.int8)
     assert cos_sin_cache.shape[-1] == head_dim == k.shape[-1] and head_dim % 2 == 0
+    quant = k_cache.dtype == torch.int8
+    if quant:
+        assert k_scales is not None and v_scales is not None and k_scales.stride() == v_scales.stride()
+        assert k_scales.stride(-1) == 1 and k_scales.dtype == v_scales.dtype == torch.float32
+    else:
+        k_scales = v_scales = k_cache  # unused
     q_weight, k_weight = qk_norm_weights if qk_norm_weights is not None else (q, q)  # unused without the norm
     half = head_dim // 2
     head_blocks = triton.cdiv(num_q_heads, ROPE_BLOCK_H) + triton.cdiv(k.shape[1], ROPE_BLOCK_H)
     _rotary_write_kv_kernel[(num_tokens, head_blocks)](
-        q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, q_weight, k_weight, eps,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
+        q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, q_weight, k_weight, k_scales, v_scales,
+        eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=k.shape[1], HALF=half, BLOCK_H=ROPE_BLOCK_H,
+        v_cache.stride(2), k_scales.stride(0) if quant else 0, k_scales.stride(1) if quant else 0,
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=k.shape[1], HALF=half, BLOCK_H=ROPE_BLOCK_H,
         BLOCK_HALF=triton.next_power_of_2(half), PAGE_SIZE=k_cache.shape[1], HAS_NORM=qk_norm_weights is not None,
-        num_warps=ROPE_NUM_WARPS, **pdl_args(q.device))
+        QUANT=quant, num_warps=ROPE_NUM_WARPS, **pdl_args(q.device))
     return q

@@ -64,26 +64,30 @@ class Attention(nn.Module):
         self.scale = scale
         self.rotary = rotary
         self.ops = ops
-        # Bound by the model runner once the cache is allocated: two [NB, BS, Hkv, D] tensors.
+        # Bound by the model runner once the cache is allocated: two [NB, BS, Hkv, D] tensors, and for an int8
+        # cache their [NB, BS, Hkv] float32 scales.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.k_scales: torch.Tensor | None = None
+        self.v_scales: torch.Tensor | None = None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, qkv_proj: QKVParallelLinear,
                 meta: AttentionMetadata, qk_norm: tuple[RMSNorm, RMSNorm] | None = None) -> torch.Tensor:
         """Projects `x` `[T, H]` to q, k and v by `qkv_proj`; with `qk_norm` (Qwen3) q and k are first
         normalized per head. Returns `[T, Hq * D]`."""
         norm_weights, eps = ((qk_norm[0].weight, qk_norm[1].weight), qk_norm[0].eps) if qk_norm else (None, 0.0)
+        scales = {} if self.k_scales is None else dict(k_scales=self.k_scales, v_scales=self.v_scales)
         qkv = self.ops.qkv_rotary_write_kv(x, qkv_proj.weight, qkv_proj.bias, self.num_heads, self.num_kv_heads,
                                            positions, self.rotary.cos_sin_cache, self.k_cache, self.v_cache,
-                                           meta.slot_mapping, norm_weights, eps)
+                                           meta.slot_mapping, norm_weights, eps, **scales)
         q = qkv[:, :self.num_heads * self.head_dim].view(-1, self.num_heads, self.head_dim)
         out = torch.empty_like(q)
         rows = meta.decode_seq_lens.shape[0]
         if rows:
             self.ops.paged_decode_attention(q[:rows], self.k_cache, self.v_cache, meta.block_tables[:rows],
-                                            meta.decode_seq_lens, self.scale, out=out[:rows])
+                                            meta.decode_seq_lens, self.scale, out=out[:rows], **scales)
         if meta.prefill_tiles is not None:
             self.ops.paged_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables,
                                              meta.query_start_loc, meta.seq_lens, meta.prefill_tiles,
-                                             self.scale, out=out, num_decodes=meta.num_decodes)
+                                             self.scale, out=out, num_decodes=meta.num_decodes, **scales)
         return out.view(-1, self.num_heads * self.head_dim)

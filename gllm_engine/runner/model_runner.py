@@ -105,11 +105,22 @@ class ModelRunner:
 
     # ---- KV cache -------------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
-        """Bytes one KV block takes over all of this rank's layers, K and V, in the cache dtype."""
+        """Bytes one KV block takes over all of this rank's layers, K and V, in the cache dtype (with an
+        int8 cache's float32 scales)."""
         layers = self.model.attention_layers()
         attn = layers[0]
-        per_token = 2 * attn.num_kv_heads * attn.head_dim * self.cache_dtype.itemsize
-        return per_token * self.block_size * len(layers)
+        per_head = attn.head_dim * self.cache_dtype.itemsize + (4 if self.cache_dtype == torch.int8 else 0)
+        return 2 * attn.num_kv_heads * per_head * self.block_size * len(layers)
+
+    def _bind_kv_cache(self, num_blocks: int) -> None:
+        """Give every attention layer zeroed caches of `num_blocks` blocks (and scales for an int8 cache)."""
+        for attn in self.model.attention_layers():
+            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)  # [NB, BS, Hkv, D]
+            attn.k_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+            if self.cache_dtype == torch.int8:
+                attn.k_scales = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device)
+                attn.v_scales = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device)
 
     def available_num_blocks(self) -> int:
         """How many KV blocks this rank can hold: the override, the GPU's profiled room, or the CPU budget."""
@@ -128,10 +139,7 @@ class ModelRunner:
         if num_blocks < 1:
             raise RuntimeError("no memory is left for the KV cache; lower max_num_batched_tokens or raise "
                                "gpu_memory_utilization")
-        for attn in self.model.attention_layers():
-            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)  # [NB, BS, Hkv, D]
-            attn.k_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+        self._bind_kv_cache(num_blocks)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s)", num_blocks, self.block_size,
                     num_blocks * self.kv_block_bytes() / 2**30, str(self.cache_dtype).removeprefix("torch."))
 
@@ -143,10 +151,7 @@ class ModelRunner:
         num_tokens = self.config.scheduler.max_num_batched_tokens
         num_seqs = min(self.config.scheduler.max_num_seqs, num_tokens)
         num_blocks = -(-num_tokens // self.block_size)
-        for attn in self.model.attention_layers():
-            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+        self._bind_kv_cache(num_blocks)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device) % self.config.model.max_model_len
         intermediate = None
@@ -167,6 +172,7 @@ class ModelRunner:
         budget = total * util - peak - used_outside
         for attn in self.model.attention_layers():
             attn.k_cache = attn.v_cache = torch.empty(0)
+            attn.k_scales = attn.v_scales = None
         torch.cuda.empty_cache()
         if budget < self.kv_block_bytes():
             raise RuntimeError(

@@ -187,3 +187,29 @@ def test_attention_widens_an_fp8_cache_to_the_queries_dtype(dtype, num_splits, d
     decode = attention.paged_decode_attention(q[:2], *fp8, table[:2], lens[:2], 0.125)
     assert_same(decode, attention.paged_decode_attention(q[:2], *widened, table[:2], lens[:2], 0.125))
     assert_matches(decode, reference.paged_decode_attention(q[:2], *fp8, table[:2], lens[:2], 0.125))
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_attention_over_an_int8_cache_matches_the_reference(dtype, num_splits, device, make_paged_kv, assert_matches,
+                                                            monkeypatch):
+    """Prefill and decode over an int8 cache with per-token-head scales give the reference's output, and
+    that is close to attention over the values it stands for. Rows no request owns have NaN scales; one
+    request's V is all zeros (zero scales)."""
+    monkeypatch.setattr(attention, "decode_num_splits", lambda *_: num_splits)
+    q_lens, seq_lens = [1, 1, 9, 21], [45, 16, 9, 37]  # two decodes, then two prefills
+    k_cache, v_cache, table = make_paged_kv(seq_lens, 2, 64, torch.float32, seed=9)
+    v_cache[table[1, 0]] = 0.0  # request 1's whole context: every V scale of its tiles is 0
+    (k8, k_scales), (v8, v_scales) = (reference.quantize_int8(c) for c in (k_cache, v_cache))
+    scales = dict(k_scales=k_scales, v_scales=v_scales)
+    q = torch.randn(sum(q_lens), 8, 64, generator=torch.Generator().manual_seed(10)).to(dtype).to(device)
+    qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    tiles = tile_map(q_lens[2:], seq_lens[2:], 64, dtype, device, first_request=2)
+    args = (table, qsl, lens, tiles, 0.125)
+    prefill = attention.paged_prefill_attention(q, k8, v8, *args, out=torch.zeros_like(q), **scales)
+    assert_matches(prefill, reference.paged_prefill_attention(q, k8, v8, *args, out=torch.zeros_like(q), **scales))
+    decode = attention.paged_decode_attention(q[:2], k8, v8, table[:2], lens[:2], 0.125, **scales)
+    assert_matches(decode, reference.paged_decode_attention(q[:2], k8, v8, table[:2], lens[:2], 0.125, **scales))
+    exact = reference.paged_decode_attention(q[:2].float(), k_cache, v_cache, table[:2], lens[:2], 0.125)
+    torch.testing.assert_close(decode.float(), exact, atol=3e-2, rtol=0)  # int8 keeps about 2 digits

@@ -111,3 +111,26 @@ def test_rotary_write_kv_into_an_fp8_cache_rounds_as_the_reference(dtype, device
         assert torch.equal(cache.view(-1, num_kv_heads, head_dim)[slots[stored]].view(torch.uint8),
                            want.view(torch.uint8))
     assert bool((v.abs() > reference.FP8_MAX).any())  # saturation was exercised
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_rotary_write_kv_into_an_int8_cache_quantizes_as_the_reference(dtype, device):
+    """An int8 cache holds `reference.quantize_int8` of the k and v the kernel leaves in its buffer: the
+    same integers and the same scales, bit for bit, an all-zero row included."""
+    num_tokens, num_heads, num_kv_heads, head_dim = 6, 4, 2, 64
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = _randn(num_tokens, q_size + 2 * kv_size, dtype=dtype, device=device, seed=12) * 3
+    q, k, v = reference.qkv_heads(qkv, num_heads, num_kv_heads, head_dim)
+    v[2, 1] = 0.0
+    positions = torch.tensor([0, 5, 3, 40, 41, 2], device=device)
+    slots = torch.tensor([3, -1, 0, 11, 7, 8], device=device)
+    caches = [torch.zeros(3, 4, num_kv_heads, head_dim, dtype=torch.int8, device=device) for _ in range(2)]
+    scales = [torch.zeros(3, 4, num_kv_heads, device=device) for _ in range(2)]
+    rotary.rotary_write_kv(q, k, v, positions, _cos_sin_cache(64, head_dim, device), *caches, slots,
+                           k_scales=scales[0], v_scales=scales[1])
+    stored = slots >= 0
+    for cache, scale, x in zip(caches, scales, (k, v)):
+        want, want_scale = reference.quantize_int8(x[stored])
+        assert torch.equal(cache.view(-1, num_kv_heads, head_dim)[slots[stored]], want)
+        assert torch.equal(scale.view(-1, num_kv_heads)[slots[stored]], want_scale)
+        assert set(want.abs().amax(-1).unique().tolist()) <= {0, 127}  # rows reach +-127; the zero row stays 0

@@ -154,3 +154,23 @@ def test_qkv_rotary_write_kv_into_an_fp8_cache_stores_its_own_output_rounded(dev
         want = reference.to_cache_dtype(part.reshape(rows, num_kv_heads, head_dim), torch.float8_e4m3fn)
         assert torch.equal(cache.view(-1, num_kv_heads, head_dim)[slots].view(torch.uint8), want.view(torch.uint8))
     assert bool((out[:, q_size:].abs() > reference.FP8_MAX).any())  # saturation was exercised
+
+
+def test_qkv_rotary_write_kv_into_an_int8_cache_quantizes_its_own_output(device):
+    """An int8 cache needs whole rows for its scales, so the fused kernel steps aside: the k and v it
+    returns are stored as `reference.quantize_int8` stores them, scales included."""
+    head_dim, num_q_heads, num_kv_heads, rows = 128, 24, 4, 3
+    x = _randn(rows, 64, dtype=torch.bfloat16, device=device, seed=32)
+    weight = _randn((num_q_heads + 2 * num_kv_heads) * head_dim, 64, dtype=torch.bfloat16, device=device, seed=33)
+    positions, slots = torch.tensor([1, 9, 4], device=device), torch.tensor([0, 5, 2], device=device)
+    caches = [torch.zeros(2, 4, num_kv_heads, head_dim, dtype=torch.int8, device=device) for _ in range(2)]
+    scales = [torch.zeros(2, 4, num_kv_heads, device=device) for _ in range(2)]
+    assert linear.uses_skinny_kernel(x, weight)
+    out = linear.qkv_rotary_write_kv(x, weight, None, num_q_heads, num_kv_heads, positions,
+                                     _cos_sin_cache(16, head_dim, device), *caches, slots,
+                                     k_scales=scales[0], v_scales=scales[1])
+    q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
+    for cache, scale, part in zip(caches, scales, out[:, q_size:].split(kv_size, dim=-1)):
+        want, want_scale = reference.quantize_int8(part.reshape(rows, num_kv_heads, head_dim))
+        assert torch.equal(cache.view(-1, num_kv_heads, head_dim)[slots], want)
+        assert torch.equal(scale.view(-1, num_kv_heads)[slots], want_scale)

@@ -75,15 +75,18 @@ def test_bf16_greedy_match_rate_against_transformers(arch, wide, enforce_eager, 
     assert first >= 0.75 and rate >= 0.5, (first, rate)
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "int8"])
 @pytest.mark.parametrize("enforce_eager", [True, False])
-def test_fp8_kv_cache_greedy_match_rate_against_transformers(enforce_eager, tmp_path, record_property):
-    """An fp8 KV cache on the wide Llama (the fused qkv kernel stores it, the decode and prefill kernels
-    widen it): the first tokens follow transformers' bf16 run. The bound on the rate is looser than
-    bf16's: on the CPU an fp8 cache agrees with a float32 one over 50-57% of 32 greedy steps."""
+def test_8bit_kv_cache_greedy_match_rate_against_transformers(kv_cache_dtype, enforce_eager, tmp_path,
+                                                              record_property):
+    """An 8-bit KV cache on the wide Llama (fp8: the fused qkv kernel stores it; int8: the rotary kernel
+    quantizes it; the decode and prefill kernels widen both): the first tokens follow transformers' bf16
+    run. The bound on the rate is looser than bf16's: on the CPU an fp8 cache agrees with a float32 one
+    over 50-57% of 32 greedy steps."""
     path, prompts, ref = _model_and_reference("LlamaForCausalLM", True, tmp_path)
-    ours = _greedy(path, prompts, enforce_eager=enforce_eager, kv_cache_dtype="fp8")
+    ours = _greedy(path, prompts, enforce_eager=enforce_eager, kv_cache_dtype=kv_cache_dtype)
     rate = match_rate(ours, ref)
     record_property("greedy_match_rate", rate)
-    print(f"LlamaForCausalLM wide fp8 KV eager={enforce_eager}: greedy match rate {rate:.1%}")
+    print(f"LlamaForCausalLM wide {kv_cache_dtype} KV eager={enforce_eager}: greedy match rate {rate:.1%}")
     first = sum(a[0] == b[0] for a, b in zip(ours, ref)) / len(ref)
     assert first >= 0.75 and rate >= 0.25, (first, rate)

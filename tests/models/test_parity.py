@@ -119,21 +119,28 @@ def test_seeded_sampling_is_reproducible_and_n_gives_n_outputs(tmp_path):
     assert all(len(o.token_ids) == 16 for o in many.outputs)
 
 
-def test_fp8_kv_cache_halves_the_cache_and_keeps_greedy_outputs_invariant(tmp_path):
-    """`kv_cache_dtype="fp8"`: float8 caches, one byte a value; batching, chunking and
-    preemption still leave every greedy output as it is alone, and the outputs stay close to the
-    model dtype's (the first token of every prompt is the same)."""
+@pytest.mark.parametrize("kv_cache_dtype, cache_dtype", [("fp8", torch.float8_e4m3fn), ("int8", torch.int8)])
+def test_8bit_kv_cache_quarters_a_float32_cache_and_keeps_greedy_outputs_invariant(kv_cache_dtype, cache_dtype,
+                                                                                   tmp_path):
+    """`kv_cache_dtype="fp8"` / `"int8"`: caches of one byte a value (int8 with a float32 scale per token
+    and head); batching, chunking and preemption still leave every greedy output as it is alone, and the
+    outputs stay close to the model dtype's (the first token of every prompt is the same)."""
     path = make_tiny_model_dir("LlamaForCausalLM", tmp_path, with_tokenizer=False)
     full = engine(path)
-    fp8 = engine(path, kv_cache_dtype="fp8")
-    runner = fp8.engine.executor.runner
-    assert all(a.k_cache.dtype == a.v_cache.dtype == torch.float8_e4m3fn for a in runner.model.attention_layers())
-    assert runner.kv_block_bytes() * torch.float32.itemsize == full.engine.executor.runner.kv_block_bytes()
-    ps = prompts(6, fp8.config.model.hf_config.vocab_size, seed=5)
-    outs = [o.outputs[0].token_ids for o in fp8.generate(token_prompts(ps), GREEDY_32)]
-    single = [fp8.generate(token_prompts([p]), GREEDY_32)[0].outputs[0].token_ids for p in ps]
-    tight = engine(path, kv_cache_dtype="fp8", block_size=4, num_gpu_blocks_override=16, max_num_batched_tokens=8,
-                   max_num_seqs=4)
+    small = engine(path, kv_cache_dtype=kv_cache_dtype)
+    runner = small.engine.executor.runner
+    layers = runner.model.attention_layers()
+    assert all(a.k_cache.dtype == a.v_cache.dtype == cache_dtype for a in layers)
+    scaled = cache_dtype == torch.int8
+    assert all((a.k_scales is not None and a.k_scales.shape == a.k_cache.shape[:-1]) == scaled for a in layers)
+    head_dim, scale_bytes = layers[0].head_dim, 4 if scaled else 0
+    assert (runner.kv_block_bytes() * torch.float32.itemsize * head_dim
+            == full.engine.executor.runner.kv_block_bytes() * (head_dim + scale_bytes))
+    ps = prompts(6, small.config.model.hf_config.vocab_size, seed=5)
+    outs = [o.outputs[0].token_ids for o in small.generate(token_prompts(ps), GREEDY_32)]
+    single = [small.generate(token_prompts([p]), GREEDY_32)[0].outputs[0].token_ids for p in ps]
+    tight = engine(path, kv_cache_dtype=kv_cache_dtype, block_size=4, num_gpu_blocks_override=16,
+                   max_num_batched_tokens=8, max_num_seqs=4)
     assert [o.outputs[0].token_ids for o in tight.generate(token_prompts(ps), GREEDY_32)] == outs == single
     assert tight.engine.stats().num_preemptions > 0
     reference_outs = [o.outputs[0].token_ids for o in full.generate(token_prompts(ps), GREEDY_32)]

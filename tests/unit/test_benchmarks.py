@@ -60,7 +60,7 @@ def test_single_gpu_script_runs_every_workload_at_toy_size(tmp_path):
                           str(small), "--device", "cpu", "--dtype", "float32", "--num-prompts", "3",
                           "--num-prompts-transformers", "2", "--uniform-requests", "3", "--uniform-range", "4", "12",
                           "--batch1", "8", "6", "--sweep", "1", "2", "--max-output-len", "4",
-                          "--also-kv-cache-dtype", "fp8", "--output-json", str(out)],
+                          "--also-kv-cache-dtype", "fp8", "int8", "--output-json", str(out)],
                          check=True, timeout=600, capture_output=True, text=True)
     report = json.loads(out.read_text())
     large_run, small_run = report["gllm_large"], report["gllm_small"]
@@ -71,11 +71,12 @@ def test_single_gpu_script_runs_every_workload_at_toy_size(tmp_path):
     for key in ("transformers_large", "transformers_small"):
         assert "error" not in report[key] and report[key]["completed"] == report[key]["requests"]
     assert report["params"]["large"] > report["params"]["small"] > 0
-    fp8_large, fp8_small = report["gllm_large_also"], report["gllm_small_also"]
-    assert fp8_large["sharegpt"]["output_tokens"] == 3 * 4 and fp8_large["batch1"]["output_tokens"] == 6
-    assert not fp8_large.get("sweep") and fp8_small["completed"] == 3
+    for cache in ("fp8", "int8"):
+        other_large, other_small = report[f"gllm_large_{cache}"], report[f"gllm_small_{cache}"]
+        assert other_large["sharegpt"]["output_tokens"] == 3 * 4 and other_large["batch1"]["output_tokens"] == 6
+        assert not other_large.get("sweep") and other_small["completed"] == 3
+        assert res.stdout.count(f"KV cache {cache}") == 3  # its ShareGPT, uniform and batch-1 rows
     assert "Single-GPU workloads" in res.stdout and "Latency vs batch" in res.stdout
-    assert res.stdout.count("KV cache fp8") == 3  # its ShareGPT, uniform and batch-1 rows
 
 
 def test_step_kinds_charges_every_step_to_a_kind(tmp_path):

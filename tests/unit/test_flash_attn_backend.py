@@ -128,10 +128,11 @@ def test_auto_picks_flash_attn_only_where_it_runs():
         resolve_attention_backend("flash-attn", cuda, torch.bfloat16, False, False)
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         resolve_attention_backend("flash-attn", cpu, torch.bfloat16, False, True)
-    # flash-attn 2 reads a KV cache of q's dtype only: an fp8 cache keeps the Triton kernels
-    assert resolve_attention_backend("auto", cuda, torch.bfloat16, False, True, fp8_kv_cache=True) == "triton"
-    with pytest.raises(ConfigError, match="an fp8 KV cache"):
-        resolve_attention_backend("flash-attn", cuda, torch.bfloat16, False, True, fp8_kv_cache=True)
+    # flash-attn 2 reads a KV cache of q's dtype only: an fp8 or int8 cache keeps the Triton kernels
+    for cache_dtype, name in ((torch.float8_e4m3fn, "float8_e4m3fn"), (torch.int8, "int8")):
+        assert resolve_attention_backend("auto", cuda, torch.bfloat16, False, True, cache_dtype) == "triton"
+        with pytest.raises(ConfigError, match=f"a {name} KV cache"):
+            resolve_attention_backend("flash-attn", cuda, torch.bfloat16, False, True, cache_dtype)
 
 
 def test_block_size_follows_the_backend():
