@@ -111,6 +111,8 @@ def test_kv_cache_accuracy_compares_every_run_with_the_first():
                          text=True)
     assert "KV-cache dtype vs greedy answers" in res.stdout
     rows = [table_cells(line) for line in res.stdout.splitlines() if line.startswith("│")]
-    assert [r[:2] for r in rows] == [["float32", "model dtype"], ["float32", "fp8"]]
+    assert [r[:2] for r in rows] == [["float32", "model dtype"], ["float32", "fp8"], ["float32", "int8"]]
     assert rows[0][3:] == ["100.0%"] * 3  # the first run against itself
-    assert int(rows[0][2].replace(",", "")) == 4 * int(rows[1][2].replace(",", ""))  # fp8: a byte a value
+    float32_bytes, fp8_bytes, int8_bytes = (int(r[2].replace(",", "")) for r in rows)
+    assert float32_bytes == 4 * fp8_bytes  # fp8: a byte a value
+    assert int8_bytes * 64 == fp8_bytes * (64 + 4)  # int8: and a float32 scale per head of 64 (SmolLM2)
