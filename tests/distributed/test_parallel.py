@@ -54,6 +54,18 @@ def test_parallel_layouts_match_single_process_and_transformers(arch, tmp_path):
             llm.engine.shutdown()
 
 
+def test_an_int8_kv_cache_splits_with_its_heads(tmp_path):
+    """tp=2 x pp=2 with an int8 cache: each rank scales the KV heads it holds, so the greedy tokens are
+    one process's with the same cache."""
+    path = make_tiny_model_dir("LlamaForCausalLM", tmp_path, with_tokenizer=False, num_hidden_layers=4)
+    single = greedy_tokens(engine(path, kv_cache_dtype="int8"))
+    llm = engine(path, tensor_parallel_size=2, pipeline_parallel_size=2, kv_cache_dtype="int8")
+    try:
+        assert greedy_tokens(llm) == single
+    finally:
+        llm.engine.shutdown()
+
+
 def test_uneven_layer_split(tmp_path):
     path = make_tiny_model_dir("LlamaForCausalLM", tmp_path, with_tokenizer=False, num_hidden_layers=4)
     single = greedy_tokens(engine(path))
