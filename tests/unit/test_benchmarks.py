@@ -116,3 +116,14 @@ def test_kv_cache_accuracy_compares_every_run_with_the_first():
     float32_bytes, fp8_bytes, int8_bytes = (int(r[2].replace(",", "")) for r in rows)
     assert float32_bytes == 4 * fp8_bytes  # fp8: a byte a value
     assert int8_bytes * 64 == fp8_bytes * (64 + 4)  # int8: and a float32 scale per head of 64 (SmolLM2)
+
+
+def test_sass_check_compiles_every_kernel_for_hopper_without_spills():
+    """The attention and rotary kernels compile for sm_90 on the CPU, over each KV-cache dtype, and ptxas
+    spills no register in any of them; the int8 scales cost no spill either."""
+    res = subprocess.run([sys.executable, "benchmarks/sass_check.py"], check=True, timeout=600, capture_output=True,
+                         text=True)
+    rows = [table_cells(line) for line in res.stdout.splitlines() if line.startswith("│")]
+    assert [(r[0], r[1]) for r in rows] == [(kernel, cache) for cache in ("bf16", "fp8", "int8")
+                                            for kernel in ("decode", "decode split", "prefill", "rotary + KV store")]
+    assert all(r[4] == "0" for r in rows), rows  # spill bytes
