@@ -25,7 +25,7 @@ from gllm_engine.kernels.activation import silu_and_mul
 from gllm_engine.kernels.dot import dot_args
 from gllm_engine.kernels.launch import pdl_args, pdl_wait
 from gllm_engine.kernels.reference import qkv_heads
-from gllm_engine.kernels.rotary import cache_value, rotary_write_kv
+from gllm_engine.kernels.rotary import cache_value, norm_and_rotate, rotary_write_kv
 
 SKINNY_MAX_ROWS = 16  # the row tile: the smallest `tl.dot` operand
 # Fewer output features give too few programs to stream the weight at full bandwidth: cuBLAS then.
@@ -139,8 +139,8 @@ def _qkv_rotary_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, pos_ptr, cos_sin_ptr, k_
         cos_ptr = cos_sin_ptr + pos[:, None] * stride_cos + j[None, :]
         cos = tl.load(cos_ptr, mask=m_mask[:, None], other=0.0).to(tl.float32)
         sin = tl.load(cos_ptr + HALF, mask=m_mask[:, None], other=0.0).to(tl.float32)
-        r1, r2 = y1.to(tl.float32), y2.to(tl.float32)
-        y1, y2 = (r1 * cos - r2 * sin).to(dtype), (r2 * cos + r1 * sin).to(dtype)
+        y1, y2 = norm_and_rotate(y1.to(tl.float32), y2.to(tl.float32), cos_sin_ptr, cos, sin, 0.0, HALF, BLOCK_P,
+                                 False, dtype)  # no norm: its weight pointer and eps go unread
     out = out_ptr + m[:, None] * stride_om
     tl.store(out + n1[None, :], y1, mask=m_mask[:, None])
     tl.store(out + n2[None, :], y2, mask=m_mask[:, None])

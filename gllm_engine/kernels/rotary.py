@@ -53,9 +53,10 @@ def _store_int8_rows(cache, scale_ptrs, x1, x2, mask, row_mask, HALF: tl.constex
 
 
 @triton.jit
-def _norm_and_rotate(x1, x2, w_ptr, cos, sin, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+def norm_and_rotate(x1, x2, w_ptr, cos, sin, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
                      HAS_NORM: tl.constexpr, dtype: tl.constexpr):
-    """Both halves `[BLOCK_H, BLOCK_HALF]` (float32) of some heads: RMSNorm'd if HAS_NORM, then rotated."""
+    """Both halves `[R, C]` (float32) of head rows, with their `cos` and `sin`: RMSNorm'd if HAS_NORM (then
+    each row is a whole head, C = BLOCK_HALF), rotated, and rounded to `dtype`."""
     if HAS_NORM:
         j = tl.arange(0, BLOCK_HALF)
         w1 = tl.load(w_ptr + j, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
@@ -95,7 +96,7 @@ def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_p
         h = h0 + tl.arange(0, BLOCK_H)
         mask = (h < q_end)[:, None] & j_mask[None, :]
         ptr = q_ptr + t * stride_qt + h[:, None] * stride_qh + j[None, :]  # [BLOCK_H, BLOCK_HALF] first halves
-        y1, y2 = _norm_and_rotate(tl.load(ptr, mask=mask, other=0.0).to(tl.float32),
+        y1, y2 = norm_and_rotate(tl.load(ptr, mask=mask, other=0.0).to(tl.float32),
                                   tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32),
                                   q_norm_ptr, cos, sin, eps, HALF, BLOCK_HALF, HAS_NORM, dtype)
         tl.store(ptr, y1, mask=mask)
@@ -109,7 +110,7 @@ def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_p
         mask = (h < kv_end)[:, None] & j_mask[None, :]
         cache_mask = (h < stored_heads)[:, None] & j_mask[None, :]
         ptr = k_ptr + t * stride_kt + h[:, None] * stride_kh + j[None, :]
-        y1, y2 = _norm_and_rotate(tl.load(ptr, mask=mask, other=0.0).to(tl.float32),
+        y1, y2 = norm_and_rotate(tl.load(ptr, mask=mask, other=0.0).to(tl.float32),
                                   tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32),
                                   k_norm_ptr, cos, sin, eps, HALF, BLOCK_HALF, HAS_NORM, dtype)
         tl.store(ptr, y1, mask=mask)

@@ -64,19 +64,22 @@ class Attention(nn.Module):
         self.scale = scale
         self.rotary = rotary
         self.ops = ops
-        # Bound by the model runner once the cache is allocated: two [NB, BS, Hkv, D] tensors, and for an int8
-        # cache their [NB, BS, Hkv] float32 scales.
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
-        self.k_scales: torch.Tensor | None = None
-        self.v_scales: torch.Tensor | None = None
+        self.bind_kv_cache(torch.empty(0), torch.empty(0))
+
+    def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scales: torch.Tensor | None = None,
+                      v_scales: torch.Tensor | None = None) -> None:
+        """Give the layer its cache (the model runner does, once allocated): two `[NB, BS, Hkv, D]` tensors,
+        and for an int8 cache their `[NB, BS, Hkv]` float32 scales."""
+        self.k_cache, self.v_cache, self.k_scales, self.v_scales = k_cache, v_cache, k_scales, v_scales
+        # the kernels' keyword arguments for the scales, built here rather than in every forward
+        self._scale_kwargs = {} if k_scales is None else dict(k_scales=k_scales, v_scales=v_scales)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, qkv_proj: QKVParallelLinear,
                 meta: AttentionMetadata, qk_norm: tuple[RMSNorm, RMSNorm] | None = None) -> torch.Tensor:
         """Projects `x` `[T, H]` to q, k and v by `qkv_proj`; with `qk_norm` (Qwen3) q and k are first
         normalized per head. Returns `[T, Hq * D]`."""
         norm_weights, eps = ((qk_norm[0].weight, qk_norm[1].weight), qk_norm[0].eps) if qk_norm else (None, 0.0)
-        scales = {} if self.k_scales is None else dict(k_scales=self.k_scales, v_scales=self.v_scales)
+        scales = self._scale_kwargs
         qkv = self.ops.qkv_rotary_write_kv(x, qkv_proj.weight, qkv_proj.bias, self.num_heads, self.num_kv_heads,
                                            positions, self.rotary.cos_sin_cache, self.k_cache, self.v_cache,
                                            meta.slot_mapping, norm_weights, eps, **scales)

@@ -109,18 +109,18 @@ class ModelRunner:
         int8 cache's float32 scales)."""
         layers = self.model.attention_layers()
         attn = layers[0]
-        per_head = attn.head_dim * self.cache_dtype.itemsize + (4 if self.cache_dtype == torch.int8 else 0)
+        scale_bytes = torch.float32.itemsize if self.cache_dtype == torch.int8 else 0
+        per_head = attn.head_dim * self.cache_dtype.itemsize + scale_bytes
         return 2 * attn.num_kv_heads * per_head * self.block_size * len(layers)
 
     def _bind_kv_cache(self, num_blocks: int) -> None:
         """Give every attention layer zeroed caches of `num_blocks` blocks (and scales for an int8 cache)."""
         for attn in self.model.attention_layers():
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)  # [NB, BS, Hkv, D]
-            attn.k_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+            caches = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(2)]
             if self.cache_dtype == torch.int8:
-                attn.k_scales = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device)
-                attn.v_scales = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device)
+                caches += [torch.zeros(shape[:-1], dtype=torch.float32, device=self.device) for _ in range(2)]
+            attn.bind_kv_cache(*caches)
 
     def available_num_blocks(self) -> int:
         """How many KV blocks this rank can hold: the override, the GPU's profiled room, or the CPU budget."""
@@ -171,8 +171,7 @@ class ModelRunner:
         util = self.config.cache.gpu_memory_utilization
         budget = total * util - peak - used_outside
         for attn in self.model.attention_layers():
-            attn.k_cache = attn.v_cache = torch.empty(0)
-            attn.k_scales = attn.v_scales = None
+            attn.bind_kv_cache(torch.empty(0), torch.empty(0))
         torch.cuda.empty_cache()
         if budget < self.kv_block_bytes():
             raise RuntimeError(

@@ -75,7 +75,7 @@ def load_ours(arch: str, path: Path, num_seqs: int):
     assert loaded == {name for name, _ in model.named_parameters()}
     for attn in model.attention_layers():
         shape = (num_seqs * MAX_BLOCKS, BLOCK_SIZE, attn.num_kv_heads, attn.head_dim)
-        attn.k_cache, attn.v_cache = torch.zeros(shape), torch.zeros(shape)
+        attn.bind_kv_cache(torch.zeros(shape), torch.zeros(shape))
     return model
 
 
