@@ -8,7 +8,8 @@ multiples of 16 (a scale row's stride, Hkv = 8, excepted). Shapes: Llama-3-8B he
 conversion pipe (16 per clock and SM on sm_90), the rest issues at up to 4 warp-instructions a clock.
 
     python benchmarks/sass_check.py
-    python benchmarks/sass_check.py --product-dtype bfloat16   # the 8-bit caches widened to bf16, as before
+    python benchmarks/sass_check.py --triton-widen             # the 8-bit tiles widened by Triton's conversions
+    python benchmarks/sass_check.py --product-dtype bfloat16   # the 8-bit caches widened to bf16
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def compile_sass(fn: Any, pointer_types: dict[str, str], constexprs: dict[str, A
     return row
 
 
-def kernel_cases(cache_type: str, product: str, quantized: bool) -> list[tuple[str, Any, dict, dict, int, int]]:
+def kernel_cases(cache_type: str, product: str, quantized: bool,
+                 ptx_widen: bool) -> list[tuple[str, Any, dict, dict, int, int]]:
     """(name, kernel, pointer types, constexprs, warps, stages) of the three kernels over one cache dtype."""
     import torch
     import triton.language as tl
@@ -80,7 +82,8 @@ def kernel_cases(cache_type: str, product: str, quantized: bool) -> list[tuple[s
                 "v_scale_ptr": scale_type, "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
                 "query_start_loc_ptr": "*i32", "tiles_ptr": "*i32", "part_out_ptr": "*fp32",
                 "part_lse_ptr": "*fp32", "pos_ptr": "*i64", "slot_ptr": "*i64", "cos_sin_ptr": "*fp32"}
-    products = dict(UPCAST_DOT=False, DOT_PRECISION="tf32", PRODUCT_DTYPE=getattr(tl, product), QUANT=quantized)
+    products = dict(UPCAST_DOT=False, DOT_PRECISION="tf32", PRODUCT_DTYPE=getattr(tl, product), QUANT=quantized,
+                    PTX_WIDEN=ptx_widen)
     decode = attention.decode_config(HEAD_DIM, torch.bfloat16)  # tiles follow the model dtype, bf16 here
     prefill = attention.prefill_config(HEAD_DIM, torch.bfloat16)
     cases = []
@@ -106,6 +109,8 @@ def main() -> None:
     ap.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90: Hopper)")
     ap.add_argument("--product-dtype", choices=("bfloat16", "float16"),
                     help="the 8-bit caches' product dtype (default: attention.product_dtype's choice)")
+    ap.add_argument("--triton-widen", action="store_true",
+                    help="widen the 8-bit tiles by Triton's conversions of the loaded bytes, not by PTX from words")
     args = ap.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)  # compile for the target (read when the kernels are decorated)
     import torch
@@ -113,16 +118,20 @@ def main() -> None:
     from gllm_engine.kernels.attention import product_dtype
 
     table = Table(title=f"Kernels compiled for sm_{args.arch} (Llama-3-8B heads; SASS instruction counts)")
-    for col in ("kernel", "KV cache", "products", "registers", "spill bytes", "instructions",
+    for col in ("kernel", "KV cache", "products", "widened by", "registers", "spill bytes", "instructions",
                 *COUNTED):
-        table.add_column(col, justify="left" if col in ("kernel", "KV cache", "products") else "right")
+        table.add_column(col, justify="left" if col in ("kernel", "KV cache", "products", "widened by") else "right")
     for cache, cache_type, torch_name in CACHES:
         product = str(product_dtype(torch.bfloat16, getattr(torch, torch_name))).removeprefix("torch.")
         if args.product_dtype and cache != "bf16":
             product = args.product_dtype
-        for name, fn, pointers, constexprs, warps, stages in kernel_cases(cache_type, product, cache == "int8"):
+        ptx_widen = cache != "bf16" and product == "float16" and not args.triton_widen
+        widened_by = "-" if cache == "bf16" else "PTX" if ptx_widen else "Triton"
+        for name, fn, pointers, constexprs, warps, stages in kernel_cases(cache_type, product, cache == "int8",
+                                                                          ptx_widen):
             row = compile_sass(fn, pointers, constexprs, warps, stages, args.arch)
-            table.add_row(name, cache, product, str(row["registers"]), str(row["stack"]), str(row["instructions"]),
+            table.add_row(name, cache, product, "-" if name.startswith("rotary") else widened_by,
+                          str(row["registers"]), str(row["stack"]), str(row["instructions"]),
                           *(str(row[k]) for k in COUNTED))
     Console(width=150).print(table)
 

@@ -5,7 +5,8 @@ of one layer is two `[NB, BS, Hkv, D]` tensors; context token p of request b liv
 `block_tables[b, p // BS]`, row `p % BS`. The kernels look up the block of every token they load, so
 any block size works, and they never load a cache row at or past `seq_lens[b]`. The cache is in q's
 dtype, in float8 e4m3, or in int8 with a float32 scale per token and KV head (`[NB, BS, Hkv]`
-`k_scales` / `v_scales`); it is widened as it is loaded to the dtype of the products (`product_dtype`).
+`k_scales` / `v_scales`); it is widened as it is loaded to the dtype of the products (`product_dtype`),
+on NVIDIA GPUs an 8-bit cache by PTX from 32-bit words (`_load_cache_tile`).
 It is written by `rotary.rotary_write_kv` (or `linear.qkv_rotary_write_kv`), together with the
 rotation of q and k.
 
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gllm_engine.kernels.dot import dot_args
+from gllm_engine.kernels.dot import INTERPRETED, dot_args
 from gllm_engine.kernels.launch import pdl_args, pdl_wait
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,6 +106,16 @@ def product_dtype(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> torch.dtype
     return torch.float16 if narrow else q_dtype
 
 
+def _ptx_widen(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the kernels widen 8-bit cache tiles by PTX from 32-bit words (`_load_cache_tile`): on NVIDIA
+    GPUs, for float16 products, when every cache row starts on a 4-byte boundary."""
+    if INTERPRETED or k_cache.element_size() != 1 or q.device.type != "cuda" or torch.version.hip is not None:
+        return False
+    head_dim = k_cache.shape[-1]
+    return (product_dtype(q.dtype, k_cache.dtype) == torch.float16 and head_dim % 4 == 0
+            and k_cache.data_ptr() % 4 == 0 and all(stride % 4 == 0 for stride in k_cache.stride()[:-1]))
+
+
 def _cache_args(q: torch.Tensor, k_cache: torch.Tensor, k_scales: torch.Tensor | None,
                 v_scales: torch.Tensor | None) -> tuple[tuple, dict]:
     """The kernels' scale arguments (pointers, block and row strides; placeholders without scales) and
@@ -118,7 +129,7 @@ def _cache_args(q: torch.Tensor, k_cache: torch.Tensor, k_scales: torch.Tensor |
         scale_args = (k_cache, k_cache, 0, 0)
     dtype = product_dtype(q.dtype, k_cache.dtype)
     return scale_args, dict(QUANT=quant, PRODUCT_DTYPE=getattr(tl, str(dtype).removeprefix("torch.")),
-                            **dot_args(dtype))
+                            PTX_WIDEN=_ptx_widen(q, k_cache), **dot_args(dtype))
 
 
 @triton.jit
@@ -127,6 +138,48 @@ def _queries_as(q, PRODUCT_DTYPE: tl.constexpr):
     if PRODUCT_DTYPE == tl.float16:
         q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0)  # float16's largest finite value
     return q.to(PRODUCT_DTYPE)
+
+
+# PTX that widens the four 8-bit values of a 32-bit word to float16, in order ($4 -> $0..$3). fp8: two pair
+# conversions (sm_89+). int8: each byte plus 128 becomes the low byte of float16 1024 + (x + 128), minus 1152.
+_FP8_WORD_TO_F16 = tl.constexpr(
+    "{ .reg .b16 l, h; .reg .b32 t; mov.b32 {l, h}, $4; cvt.rn.f16x2.e4m3x2 t, l; mov.b32 {$0, $1}, t; "
+    "cvt.rn.f16x2.e4m3x2 t, h; mov.b32 {$2, $3}, t; }")
+_INT8_WORD_TO_F16 = tl.constexpr(
+    "{ .reg .b32 t, c, lo, hi; xor.b32 t, $4, 0x80808080; mov.b32 c, 0x64806480; "
+    "prmt.b32 lo, t, 0x64646464, 0x4140; prmt.b32 hi, t, 0x64646464, 0x4342; "
+    "sub.f16x2 lo, lo, c; sub.f16x2 hi, hi, c; mov.b32 {$0, $1}, lo; mov.b32 {$2, $3}, hi; }")
+
+
+@triton.jit
+def _load_cache_tile(ptr, row_off, row_mask, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr, PRODUCT_DTYPE: tl.constexpr,
+                     PTX_WIDEN: tl.constexpr):
+    """The `[BLOCK_N, BLOCK_D]` cache tile whose rows start at element offsets `row_off` (with MASK_ROWS,
+    only the rows in `row_mask`), in PRODUCT_DTYPE.
+
+    With PTX_WIDEN (an 8-bit cache on an NVIDIA GPU, products in float16) the tile is loaded as 32-bit
+    words and widened four values at a time by PTX. Loaded as bytes and widened by Triton (3.6 and 3.9),
+    a V tile reaches its product's operand layout by one shared-memory load per value, and an int8 one
+    takes a conversion per value; the word path gives both tiles the 16-bit path of a bf16 cache.
+    """
+    if PTX_WIDEN:
+        w = tl.arange(0, BLOCK_D // 4)
+        mask = (w < HEAD_DIM // 4)[None, :]
+        if MASK_ROWS:
+            mask = row_mask[:, None] & mask
+        words = tl.load(ptr.to(tl.pointer_type(tl.int32)) + (row_off // 4)[:, None] + w[None, :], mask=mask,
+                        other=0)
+        asm: tl.constexpr = _INT8_WORD_TO_F16 if ptr.dtype.element_ty == tl.int8 else _FP8_WORD_TO_F16
+        a, b, c, d = tl.inline_asm_elementwise(asm, "=h,=h,=h,=h,r", [words], dtype=(tl.float16,) * 4,
+                                               is_pure=True, pack=1)
+        return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), [BLOCK_N, BLOCK_D])  # values in word order
+    d = tl.arange(0, BLOCK_D)
+    mask = (d < HEAD_DIM)[None, :]
+    if MASK_ROWS:
+        mask = row_mask[:, None] & mask
+    return tl.load(ptr + row_off[:, None] + d[None, :], mask=mask, other=0.0).to(PRODUCT_DTYPE)
+
 
 # ---------------------------------------------------------------------------------------------------
 # Shared inner step: one tile of context tokens against a tile of queries, online softmax in base 2.
@@ -138,7 +191,8 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_
                  kv_head, qk_scale, n_start, n_end, q_pos,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                  PAGE_SIZE: tl.constexpr, MASK_TOKENS: tl.constexpr, CAUSAL: tl.constexpr, QUANT: tl.constexpr,
-                 UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRODUCT_DTYPE: tl.constexpr):
+                 UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRODUCT_DTYPE: tl.constexpr,
+                 PTX_WIDEN: tl.constexpr):
     """Fold context tokens `[n_start, n_start + BLOCK_N)` (those `< n_end`) into (acc, m_i, l_i).
 
     Without MASK_TOKENS every token of the tile is known valid. With CAUSAL, query row i only sees
@@ -148,15 +202,11 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_
     them in [0, 1] for float16; the product is scaled back by that largest.
     """
     n = n_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < HEAD_DIM
+    n_mask = n < n_end
     if MASK_TOKENS:
-        n_mask = n < n_end
         page = tl.load(table_ptr + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-        kv_mask = n_mask[:, None] & d_mask[None, :]
     else:
         page = tl.load(table_ptr + n // PAGE_SIZE).to(tl.int64)
-        kv_mask = d_mask[None, :]
     row = (n % PAGE_SIZE).to(tl.int64)
     if QUANT:
         scale_off = page * stride_sb + row * stride_st + kv_head
@@ -166,8 +216,8 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_
         else:
             k_scale = tl.load(k_scale_ptr + scale_off)
             v_scale = tl.load(v_scale_ptr + scale_off)
-    k = tl.load(k_cache_ptr + (page * stride_kb + row * stride_kt + kv_head_off_k)[:, None] + d[None, :],
-                mask=kv_mask, other=0.0).to(PRODUCT_DTYPE)  # [BLOCK_N, BLOCK_D]
+    k = _load_cache_tile(k_cache_ptr, page * stride_kb + row * stride_kt + kv_head_off_k, n_mask, HEAD_DIM,
+                         BLOCK_N, BLOCK_D, MASK_TOKENS, PRODUCT_DTYPE, PTX_WIDEN)  # [BLOCK_N, BLOCK_D]
     if UPCAST_DOT:
         k = k.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, BLOCK_N]
@@ -182,8 +232,8 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_cache_ptr + (page * stride_vb + row * stride_vt + kv_head_off_v)[:, None] + d[None, :],
-                mask=kv_mask, other=0.0).to(PRODUCT_DTYPE)  # [BLOCK_N, BLOCK_D]
+    v = _load_cache_tile(v_cache_ptr, page * stride_vb + row * stride_vt + kv_head_off_v, n_mask, HEAD_DIM,
+                         BLOCK_N, BLOCK_D, MASK_TOKENS, PRODUCT_DTYPE, PTX_WIDEN)  # [BLOCK_N, BLOCK_D]
     if QUANT:
         v_max = tl.maximum(tl.max(v_scale, 0), 1e-30)
         p = p * (v_scale / v_max)[None, :]
@@ -212,7 +262,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_sta
                     k_scale_ptr, v_scale_ptr, stride_sb, stride_st,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, QUANT: tl.constexpr,
-                    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRODUCT_DTYPE: tl.constexpr):
+                    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRODUCT_DTYPE: tl.constexpr,
+                    PTX_WIDEN: tl.constexpr):
     head = tl.program_id(0)
     req = tl.load(tiles_ptr + tl.program_id(1))
     if req < 0:  # a padded entry of the tile map
@@ -250,13 +301,13 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_sta
                                      stride_kb, stride_kt, stride_vb, stride_vt, k_scale_ptr, v_scale_ptr,
                                      stride_sb, stride_st, kv_head, qk_scale, n_start, causal_end, q_pos,
                                      HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, False, False, QUANT, UPCAST_DOT,
-                                     DOT_PRECISION, PRODUCT_DTYPE)
+                                     DOT_PRECISION, PRODUCT_DTYPE, PTX_WIDEN)
     for n_start in range(full_end, causal_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, off_k, off_v,
                                      stride_kb, stride_kt, stride_vb, stride_vt, k_scale_ptr, v_scale_ptr,
                                      stride_sb, stride_st, kv_head, qk_scale, n_start, causal_end, q_pos,
                                      HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, True, QUANT, UPCAST_DOT,
-                                     DOT_PRECISION, PRODUCT_DTYPE)
+                                     DOT_PRECISION, PRODUCT_DTYPE, PTX_WIDEN)
     acc = acc / l_i[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -325,7 +376,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr, QUANT: tl.constexpr,
                    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRODUCT_DTYPE: tl.constexpr,
-                   PDL: tl.constexpr):
+                   PTX_WIDEN: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -357,7 +408,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
                                      kv_head * stride_kh, kv_head * stride_vh, stride_kb, stride_kt, stride_vb,
                                      stride_vt, k_scale_ptr, v_scale_ptr, stride_sb, stride_st, kv_head, qk_scale,
                                      n_start, n_end, 0, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, False, QUANT,
-                                     UPCAST_DOT, DOT_PRECISION, PRODUCT_DTYPE)
+                                     UPCAST_DOT, DOT_PRECISION, PRODUCT_DTYPE, PTX_WIDEN)
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty segment (or context) leaves zeros
     if SPLIT:
         part = (req * tl.num_programs(1) * GROUP + heads) * num_splits + split  # [BLOCK_G] row of [B, Hq, S]
