@@ -5,7 +5,8 @@ Triton compiles for a target it is told of, and its wheel carries ptxas and cuob
 the CPU. Arguments are specialized as a launch specializes them: pointers 16-byte aligned, strides
 multiples of 16 (a scale row's stride, Hkv = 8, excepted). Shapes: Llama-3-8B heads (32 q, 8 KV of 128),
 16-token blocks, the shipped tiles. SASS counts are of the whole kernel: F2F/F2FP and I2F are the
-conversion pipe (16 per clock and SM on sm_90), the rest issues at up to 4 warp-instructions a clock.
+conversion pipe (16 per clock and SM on sm_90), the rest issues at up to 4 warp-instructions a clock. "in loop"
+counts the longest loop body: per warp, the work of one context tile.
 
     python benchmarks/sass_check.py
     python benchmarks/sass_check.py --triton-widen             # the 8-bit tiles widened by Triton's conversions
@@ -28,6 +29,18 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 # (name, Triton pointer type, torch dtype) of each KV cache
 CACHES = (("bf16", "*bf16", "bfloat16"), ("fp8", "*fp8e4nv", "float8_e4m3fn"), ("int8", "*i8", "int8"))
 COUNTED = {"F2F": r"\bF2FP?\.", "I2F": r"\bI2F\b", "PRMT": r"\bPRMT\b", "loads": r"\bLDG(STS)?\."}  # SASS
+
+
+def longest_loop(lines: list[tuple[int, str]]) -> int:
+    """Instructions in the longest loop body of a SASS listing (address, text): from a backward branch's
+    target to the branch; 0 without a loop. In the attention kernels, the work of one context tile."""
+    longest = 0
+    for at, text in lines:
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < at:
+            start = int(target.group(1), 16)
+            longest = max(longest, sum(1 for a, _ in lines if start <= a <= at))
+    return longest
 
 
 def compile_sass(fn: Any, pointer_types: dict[str, str], constexprs: dict[str, Any], num_warps: int,
@@ -62,8 +75,10 @@ def compile_sass(fn: Any, pointer_types: dict[str, str], constexprs: dict[str, A
         sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin.name], check=True,
                               capture_output=True, text=True).stdout
     registers, stack = re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups()
-    instructions = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(.*?);", sass, re.M)
-    row = dict(registers=int(registers), stack=int(stack), instructions=len(instructions))
+    lines = re.findall(r"^\s+/\*([0-9a-f]{4})\*/\s+(.*?);", sass, re.M)
+    instructions = [text for _, text in lines]
+    row = dict(registers=int(registers), stack=int(stack), instructions=len(instructions),
+               loop=longest_loop([(int(at, 16), text) for at, text in lines]))
     for name, pattern in COUNTED.items():
         row[name] = sum(1 for text in instructions if re.search(pattern, text))
     return row
@@ -118,7 +133,7 @@ def main() -> None:
     from gllm_engine.kernels.attention import product_dtype
 
     table = Table(title=f"Kernels compiled for sm_{args.arch} (Llama-3-8B heads; SASS instruction counts)")
-    for col in ("kernel", "KV cache", "products", "widened by", "registers", "spill bytes", "instructions",
+    for col in ("kernel", "KV cache", "products", "widened by", "registers", "spill bytes", "instructions", "in loop",
                 *COUNTED):
         table.add_column(col, justify="left" if col in ("kernel", "KV cache", "products", "widened by") else "right")
     for cache, cache_type, torch_name in CACHES:
@@ -131,7 +146,7 @@ def main() -> None:
                                                                           ptx_widen):
             row = compile_sass(fn, pointers, constexprs, warps, stages, args.arch)
             table.add_row(name, cache, product, "-" if name.startswith("rotary") else widened_by,
-                          str(row["registers"]), str(row["stack"]), str(row["instructions"]),
+                          str(row["registers"]), str(row["stack"]), str(row["instructions"]), str(row["loop"] or "-"),
                           *(str(row[k]) for k in COUNTED))
     Console(width=150).print(table)
 
