@@ -10,6 +10,9 @@ Workloads (dummy weights, ignore_eos, each engine in a fresh process):
 With --also-kv-cache-dtype fp8 int8, gLLM runs ShareGPT, batch 1 and uniform again with each of those KV
 caches (no sweep), in rows of their own beside the same transformers runs.
 
+"vs transformers" compares each workload by the metric of its quoted peers: ShareGPT in total tok/s (vLLM's and
+SGLang's figures), uniform in output tok/s (nano-vllm's bench.py divides the requests' max_tokens by the time).
+
 Ceilings are measured in the same run: a device-to-device copy (bytes read + written over time) and a
 bf16 8192^3 matrix product. The compute roofline of a workload is that rate over 2 FLOP per parameter
 per token; the batch-1 bound is the weight bytes over the copy bandwidth. Published peers are quoted
@@ -55,6 +58,9 @@ PUBLISHED = {
     "batch1": "target >= 170 tok/s (90% of the H100's 188 tok/s weight-read bound)",
     "uniform": "nano-vllm and vLLM within 3% of each other; target >= 20x transformers",
 }
+# "vs transformers" compares each workload's own metric: total tok/s for ShareGPT (that of the quoted vLLM and
+# SGLang figures), output tok/s for uniform (nano-vllm's bench.py: the requests' max_tokens over the time).
+RATIO_METRIC = {"sharegpt": "total_tokens_per_s", "uniform": "output_tokens_per_s"}
 MODELS = ("large", "small")
 MATMUL_N = 8192
 COPY_BYTES = 4 << 30
@@ -164,9 +170,9 @@ def print_report(report: dict[str, Any]) -> None:
         if not row or "error" in row:
             table.add_row(workload, f"{engine}: {(row or {}).get('error', 'not run')}", "-", "-", "-", "-", "-")
             return
+        ratio = _ratio(row, base, RATIO_METRIC[workload]) if engine.startswith("gLLM") else "1.0x"
         table.add_row(workload, engine, f"{row['requests_per_s']:.2f}", f"{row['output_tokens_per_s']:,.0f}",
-                      f"{row['total_tokens_per_s']:,.0f}", _ratio(row, base) if engine.startswith("gLLM") else "1.0x",
-                      _pct(row["total_tokens_per_s"], bound))
+                      f"{row['total_tokens_per_s']:,.0f}", ratio, _pct(row["total_tokens_per_s"], bound))
 
     also = report.get("also_kv_cache_dtypes") or []
     for workload, model in (("sharegpt", "large"), ("uniform", "small")):
@@ -189,6 +195,8 @@ def print_report(report: dict[str, Any]) -> None:
     console.print(table)
     for workload, text in PUBLISHED.items():
         print(f"  {workload}: {text}")
+    print("  vs transformers: " + ", ".join(f"{w} in {k.removesuffix('_per_s').replace('_', ' ')}/s"
+                                            for w, k in RATIO_METRIC.items()))
     sweep_rows = report.get("gllm_large", {}).get("sweep", [])
     prompt_len, output_len = report["batch1_shape"]
     sweep = Table(title=f"Latency vs batch ({prompt_len} prompt tokens, {output_len} generated; time includes the "

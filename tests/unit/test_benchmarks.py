@@ -77,6 +77,12 @@ def test_single_gpu_script_runs_every_workload_at_toy_size(tmp_path):
         assert not other_large.get("sweep") and other_small["completed"] == 3
         assert res.stdout.count(f"KV cache {cache}") == 3  # its ShareGPT, uniform and batch-1 rows
     assert "Single-GPU workloads" in res.stdout and "Latency vs batch" in res.stdout
+    # "vs transformers": ShareGPT in total tok/s, uniform (nano-vllm's benchmark) in output tok/s
+    rows = {(r[0], r[1]): r for r in map(table_cells, res.stdout.splitlines()) if len(r) == 7}
+    for workload, model, key in (("sharegpt", "large", "total_tokens_per_s"),
+                                 ("uniform", "small", "output_tokens_per_s")):
+        ours = report[f"gllm_{model}"]["sharegpt"] if model == "large" else report[f"gllm_{model}"]
+        assert rows[workload, "gLLM"][5] == f"{ours[key] / report[f'transformers_{model}'][key]:.1f}x"
 
 
 def test_step_kinds_charges_every_step_to_a_kind(tmp_path):
