@@ -106,20 +106,22 @@ def product_dtype(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> torch.dtype
     return torch.float16 if narrow else q_dtype
 
 
-def _ptx_widen(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+def _ptx_widen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether the kernels widen 8-bit cache tiles by PTX from 32-bit words (`_load_cache_tile`): on NVIDIA
-    GPUs, for float16 products, when every cache row starts on a 4-byte boundary."""
+    GPUs (fp8: sm_89 and newer), for float16 products, when every cache row starts on a 4-byte boundary."""
     if INTERPRETED or k_cache.element_size() != 1 or q.device.type != "cuda" or torch.version.hip is not None:
         return False
-    head_dim = k_cache.shape[-1]
-    return (product_dtype(q.dtype, k_cache.dtype) == torch.float16 and head_dim % 4 == 0
-            and k_cache.data_ptr() % 4 == 0 and all(stride % 4 == 0 for stride in k_cache.stride()[:-1]))
+    if k_cache.dtype == torch.float8_e4m3fn and torch.cuda.get_device_capability(q.device) < (8, 9):
+        return False
+    return (product_dtype(q.dtype, k_cache.dtype) == torch.float16 and k_cache.shape[-1] % 4 == 0
+            and all(c.data_ptr() % 4 == 0 and all(stride % 4 == 0 for stride in c.stride()[:-1])
+                    for c in (k_cache, v_cache)))
 
 
-def _cache_args(q: torch.Tensor, k_cache: torch.Tensor, k_scales: torch.Tensor | None,
+def _cache_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scales: torch.Tensor | None,
                 v_scales: torch.Tensor | None) -> tuple[tuple, dict]:
     """The kernels' scale arguments (pointers, block and row strides; placeholders without scales) and
-    their constexprs: QUANT, PRODUCT_DTYPE and `dot_args`."""
+    their constexprs: QUANT, PRODUCT_DTYPE, PTX_WIDEN and `dot_args`."""
     quant = k_cache.dtype == torch.int8
     if quant:
         assert k_scales is not None and v_scales is not None and k_scales.stride() == v_scales.stride()
@@ -129,7 +131,7 @@ def _cache_args(q: torch.Tensor, k_cache: torch.Tensor, k_scales: torch.Tensor |
         scale_args = (k_cache, k_cache, 0, 0)
     dtype = product_dtype(q.dtype, k_cache.dtype)
     return scale_args, dict(QUANT=quant, PRODUCT_DTYPE=getattr(tl, str(dtype).removeprefix("torch.")),
-                            PTX_WIDEN=_ptx_widen(q, k_cache), **dot_args(dtype))
+                            PTX_WIDEN=_ptx_widen(q, k_cache, v_cache), **dot_args(dtype))
 
 
 @triton.jit
@@ -349,7 +351,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     assert tiles.stride(1) == 1 and tiles.stride(0) == num_tiles, "the tile map must be contiguous"
     num_heads, head_dim = q.shape[1], q.shape[2]
     config = prefill_config(head_dim, q.dtype)
-    scale_args, cache_constexprs = _cache_args(q, k_cache, k_scales, v_scales)
+    scale_args, cache_constexprs = _cache_args(q, k_cache, v_cache, k_scales, v_scales)
     _prefill_kernel[(num_heads, num_tiles)](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, tiles, out, scale * _LOG2E, num_tiles,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -466,7 +468,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         part_out = part_lse = out  # unused
     block_d = triton.next_power_of_2(head_dim)
-    scale_args, cache_constexprs = _cache_args(q, k_cache, k_scales, v_scales)
+    scale_args, cache_constexprs = _cache_args(q, k_cache, v_cache, k_scales, v_scales)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, scale * _LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
