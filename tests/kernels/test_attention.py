@@ -130,6 +130,32 @@ def test_other_head_dims(head_dim, device, make_paged_kv, assert_matches, monkey
     assert_matches(attention.paged_decode_attention(*decode_args), reference.paged_decode_attention(*decode_args))
 
 
+@pytest.mark.parametrize("cache", ["fp8", "int8"])
+@pytest.mark.parametrize("head_dim", [80, 96])
+def test_8bit_caches_with_other_head_dims(head_dim, cache, device, make_paged_kv, assert_matches, monkeypatch):
+    """bf16 queries over an 8-bit cache whose heads are not a power of two: on a GPU the tiles load as 32-bit
+    words (`_load_cache_tile`), the padded columns masked by word."""
+    monkeypatch.setattr(attention, "decode_num_splits", lambda *_: 2)
+    q_lens, seq_lens = [3, 1], [35, 20]
+    k_cache, v_cache, table = make_paged_kv(seq_lens, 2, head_dim, torch.float32, seed=6)
+    if cache == "fp8":
+        k_cache, v_cache, scales = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn), {}
+    else:
+        (k_cache, k_scales), (v_cache, v_scales) = (reference.quantize_int8(c) for c in (k_cache, v_cache))
+        scales = dict(k_scales=k_scales, v_scales=v_scales)
+    q = torch.randn(sum(q_lens), 8, head_dim, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    q = q.to(device)
+    qsl = torch.tensor([0, 3, 4], dtype=torch.int32, device=device)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    tiles = tile_map(q_lens, seq_lens, head_dim, torch.bfloat16, device)
+    args = (q, k_cache, v_cache, table, qsl, lens, tiles, head_dim**-0.5)
+    assert_matches(attention.paged_prefill_attention(*args, **scales),
+                   reference.paged_prefill_attention(*args, **scales))
+    decode_args = (q[:2], k_cache, v_cache, table, lens, head_dim**-0.5)
+    assert_matches(attention.paged_decode_attention(*decode_args, **scales),
+                   reference.paged_decode_attention(*decode_args, **scales))
+
+
 def test_decode_split_heuristic():
     sms = attention.DEFAULT_NUM_SMS
     long_ctx = 16 * attention.DECODE_SPLIT_MIN_TOKENS
