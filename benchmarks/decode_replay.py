@@ -86,6 +86,7 @@ def replay(args: argparse.Namespace) -> None:
     from rich.table import Table
     from transformers import AutoConfig
 
+    from gllm_engine.config import KV_CACHE_TORCH_DTYPES
     from gllm_engine.kernels import attention, reference
     from gllm_engine.runner.cuda_graph import capture_sizes
 
@@ -105,15 +106,9 @@ def replay(args: argparse.Namespace) -> None:
     sampled = recorded["decode_steps"][::args.every]
     sizes = capture_sizes(max_num_seqs)
     num_blocks = max(sum(-(-c // block_size) for c in lens) for lens in sampled) + 1
-    k_cache, v_cache = (torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device=device) for _ in range(2))
-    scales = {}
-    if args.kv_cache_dtype == "int8":
-        (k_cache, k_scales), (v_cache, v_scales) = (reference.quantize_int8(c) for c in (k_cache, v_cache))
-        scales = dict(k_scales=k_scales, v_scales=v_scales)
-    else:
-        cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else dtype
-        k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
-    cache_dtype = k_cache.dtype
+    cache_dtype = KV_CACHE_TORCH_DTYPES.get(args.kv_cache_dtype, dtype)
+    k_cache, v_cache, scales = reference.kv_caches_as(
+        *(torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device=device) for _ in range(2)), cache_dtype)
     width = -(-max(max(lens) for lens in sampled) // block_size)
     gen = torch.Generator().manual_seed(0)
     # K and V of one token, one layer (with an int8 cache's float32 scales)

@@ -121,12 +121,8 @@ def check_decode(kn: Kernels, batch: int, ctx: int, dtype: torch.dtype, device: 
     """Decode attention against the reference, over a cache in `dtype` ("auto"), float8 e4m3 ("fp8") or
     int8 with its scales ("int8")."""
     k_cache, v_cache, table = paged_cache(batch, ctx, dtype, device)
-    scales = {}
-    if cache == "fp8":
-        k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
-    elif cache == "int8":
-        (k_cache, k_scales), (v_cache, v_scales) = (kn.ref.quantize_int8(c) for c in (k_cache, v_cache))
-        scales = dict(k_scales=k_scales, v_scales=v_scales)
+    cache_dtype = {"auto": dtype, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[cache]
+    k_cache, v_cache, scales = kn.ref.kv_caches_as(k_cache, v_cache, cache_dtype)
     q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=dtype, device=device)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
     args = (q, k_cache, v_cache, table, lens, SCALE)

@@ -232,9 +232,8 @@ def main() -> None:
     ap.add_argument("--max-output-len", type=int, default=None, help="cap ShareGPT/uniform outputs (smoke runs)")
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
                     help="large: ShareGPT, batch 1 and the sweep on --config; small: uniform on --small-config")
-    ap.add_argument("--also-kv-cache-dtype", nargs="+", default=[], help="gLLM: run ShareGPT, batch 1 and "
-                                                                         "uniform again with each of these KV "
-                                                                         "cache dtypes (fp8, int8)")
+    ap.add_argument("--also-kv-cache-dtype", nargs="+", default=[], choices=("fp8", "int8"),
+                    help="gLLM: run ShareGPT, batch 1 and uniform again with each of these KV cache dtypes")
     ap.add_argument("--transformers-timeout", type=float, default=120.0)
     ap.add_argument("--gllm-timeout", type=float, default=900.0)
     ap.add_argument("--seed", type=int, default=0)

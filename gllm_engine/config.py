@@ -23,7 +23,8 @@ ATTENTION_BACKENDS = ("auto", "triton", "flash-attn")
 # "auto": the model dtype; "fp8" (= "fp8_e4m3"): float8 e4m3, unscaled, values beyond +-448 saturate;
 # "int8": int8 with one float32 scale per token and KV head (its largest |value| becomes 127)
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "int8")
-_KV_CACHE_TORCH_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
+KV_CACHE_TORCH_DTYPES = {  # the 8-bit caches; "auto" is the model dtype
+    "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
 DEFAULT_BLOCK_SIZE = 16
 # Default KV-cache budget on the CPU, in GiB (the CPU has no memory profiling pass).
 DEFAULT_CPU_KV_CACHE_GIB = 4.0
@@ -193,7 +194,7 @@ class EngineConfig:
                               f"got {attention_backend!r}")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
-        cache_dtype = _KV_CACHE_TORCH_DTYPES.get(kv_cache_dtype)
+        cache_dtype = KV_CACHE_TORCH_DTYPES.get(kv_cache_dtype)
         if max_num_seqs is None:
             max_num_seqs = GPU_MAX_NUM_SEQS if torch_device.type == "cuda" else DEFAULT_MAX_NUM_SEQS
         for name, value in (("block_size", DEFAULT_BLOCK_SIZE if block_size is None else block_size),

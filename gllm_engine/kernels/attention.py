@@ -106,16 +106,23 @@ def product_dtype(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> torch.dtype
     return torch.float16 if narrow else q_dtype
 
 
-def _ptx_widen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+@functools.cache
+def _device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _ptx_widen(dtype: torch.dtype, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether the kernels widen 8-bit cache tiles by PTX from 32-bit words (`_load_cache_tile`): on NVIDIA
-    GPUs (fp8: sm_89 and newer), for float16 products, when every cache row starts on a 4-byte boundary."""
-    if INTERPRETED or k_cache.element_size() != 1 or q.device.type != "cuda" or torch.version.hip is not None:
+    GPUs (fp8: sm_89 and newer), for float16 products (`dtype`), when every cache row starts on a 4-byte
+    boundary."""
+    device = k_cache.device
+    if (INTERPRETED or k_cache.element_size() != 1 or dtype != torch.float16 or device.type != "cuda"
+            or torch.version.hip is not None):
         return False
-    if k_cache.dtype == torch.float8_e4m3fn and torch.cuda.get_device_capability(q.device) < (8, 9):
+    if k_cache.dtype == torch.float8_e4m3fn and _device_capability(device.index) < (8, 9):
         return False
-    return (product_dtype(q.dtype, k_cache.dtype) == torch.float16 and k_cache.shape[-1] % 4 == 0
-            and all(c.data_ptr() % 4 == 0 and all(stride % 4 == 0 for stride in c.stride()[:-1])
-                    for c in (k_cache, v_cache)))
+    return k_cache.shape[-1] % 4 == 0 and all(c.data_ptr() % 4 == 0 and all(s % 4 == 0 for s in c.stride()[:-1])
+                                              for c in (k_cache, v_cache))
 
 
 def _cache_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scales: torch.Tensor | None,
@@ -131,7 +138,7 @@ def _cache_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k
         scale_args = (k_cache, k_cache, 0, 0)
     dtype = product_dtype(q.dtype, k_cache.dtype)
     return scale_args, dict(QUANT=quant, PRODUCT_DTYPE=getattr(tl, str(dtype).removeprefix("torch.")),
-                            PTX_WIDEN=_ptx_widen(q, k_cache, v_cache), **dot_args(dtype))
+                            PTX_WIDEN=_ptx_widen(dtype, k_cache, v_cache), **dot_args(dtype))
 
 
 @triton.jit

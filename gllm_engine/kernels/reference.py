@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 FP8_MAX = 448.0  # the largest finite float8 e4m3 value
 INT8_MAX = 127.0  # an int8 cache row's largest |value| is stored as this
-_TINY = 1e-30  # the smallest largest-|value| an int8 row is scaled by (an all-zero row stays zero)
+INT8_AMAX_FLOOR = 1e-30  # the smallest largest-|value| an int8 row is scaled by (an all-zero row stays zero)
 
 
 def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -32,8 +32,17 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     largest |value|, rounded half away from zero, so the largest lands on +-127.
     """
     amax = x.float().abs().amax(-1)
-    scaled = x.float() * (INT8_MAX / amax.clamp(min=_TINY))[..., None]
+    scaled = x.float() * (INT8_MAX / amax.clamp(min=INT8_AMAX_FLOOR))[..., None]
     return torch.trunc(scaled + 0.5 * scaled.sign()).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), amax / INT8_MAX
+
+
+def kv_caches_as(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Caches `k`, `v` `[NB, BS, Hkv, D]` of real values as caches of `dtype` hold them, and the scale keyword
+    arguments the attention ops then take (`k_scales`, `v_scales` for int8; none otherwise)."""
+    if dtype != torch.int8:
+        return to_cache_dtype(k, dtype), to_cache_dtype(v, dtype), {}
+    (k8, k_scales), (v8, v_scales) = quantize_int8(k), quantize_int8(v)
+    return k8, v8, dict(k_scales=k_scales, v_scales=v_scales)
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -13,6 +13,10 @@ import triton
 import triton.language as tl
 
 from gllm_engine.kernels.launch import pdl_args, pdl_wait
+from gllm_engine.kernels.reference import INT8_AMAX_FLOOR, INT8_MAX
+
+_INT8_MAX = tl.constexpr(INT8_MAX)
+_INT8_AMAX_FLOOR = tl.constexpr(INT8_AMAX_FLOOR)
 
 ROPE_BLOCK_H = 8  # heads per program
 ROPE_NUM_WARPS = 4
@@ -44,12 +48,13 @@ def _store_int8_rows(cache, scale_ptrs, x1, x2, mask, row_mask, HALF: tl.constex
     """Store rows given as halves `[R, C]` (float32) in an int8 cache, as `reference.quantize_int8` does:
     the row's largest |value| becomes 127 and that over 127 is stored at `scale_ptrs` `[R]`."""
     amax = tl.maximum(tl.max(tl.abs(x1), 1), tl.max(tl.abs(x2), 1))
-    inv = (127.0 / tl.maximum(amax, 1e-30))[:, None]
-    y1, y2 = x1 * inv, x2 * inv
+    inv = _INT8_MAX / tl.maximum(amax, _INT8_AMAX_FLOOR)
+    y1, y2 = x1 * inv[:, None], x2 * inv[:, None]
     # half away from zero, then truncated by the conversion
-    tl.store(cache, tl.clamp(y1 + tl.where(y1 >= 0, 0.5, -0.5), -127.0, 127.0).to(tl.int8), mask=mask)
-    tl.store(cache + HALF, tl.clamp(y2 + tl.where(y2 >= 0, 0.5, -0.5), -127.0, 127.0).to(tl.int8), mask=mask)
-    tl.store(scale_ptrs, amax / 127.0, mask=row_mask)
+    tl.store(cache, tl.clamp(y1 + tl.where(y1 >= 0, 0.5, -0.5), -_INT8_MAX, _INT8_MAX).to(tl.int8), mask=mask)
+    tl.store(cache + HALF, tl.clamp(y2 + tl.where(y2 >= 0, 0.5, -0.5), -_INT8_MAX, _INT8_MAX).to(tl.int8),
+             mask=mask)
+    tl.store(scale_ptrs, amax / _INT8_MAX, mask=row_mask)
 
 
 @triton.jit

@@ -130,7 +130,7 @@ def test_other_head_dims(head_dim, device, make_paged_kv, assert_matches, monkey
     assert_matches(attention.paged_decode_attention(*decode_args), reference.paged_decode_attention(*decode_args))
 
 
-@pytest.mark.parametrize("cache", ["fp8", "int8"])
+@pytest.mark.parametrize("cache", ["float8_e4m3fn", "int8"])
 @pytest.mark.parametrize("head_dim", [80, 96])
 def test_8bit_caches_with_other_head_dims(head_dim, cache, device, make_paged_kv, assert_matches, monkeypatch):
     """bf16 queries over an 8-bit cache whose heads are not a power of two: on a GPU the tiles load as 32-bit
@@ -138,11 +138,7 @@ def test_8bit_caches_with_other_head_dims(head_dim, cache, device, make_paged_kv
     monkeypatch.setattr(attention, "decode_num_splits", lambda *_: 2)
     q_lens, seq_lens = [3, 1], [35, 20]
     k_cache, v_cache, table = make_paged_kv(seq_lens, 2, head_dim, torch.float32, seed=6)
-    if cache == "fp8":
-        k_cache, v_cache, scales = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn), {}
-    else:
-        (k_cache, k_scales), (v_cache, v_scales) = (reference.quantize_int8(c) for c in (k_cache, v_cache))
-        scales = dict(k_scales=k_scales, v_scales=v_scales)
+    k_cache, v_cache, scales = reference.kv_caches_as(k_cache, v_cache, getattr(torch, cache))
     q = torch.randn(sum(q_lens), 8, head_dim, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
     q = q.to(device)
     qsl = torch.tensor([0, 3, 4], dtype=torch.int32, device=device)
@@ -226,8 +222,7 @@ def test_attention_over_an_int8_cache_matches_the_reference(dtype, num_splits, d
     q_lens, seq_lens = [1, 1, 9, 21], [45, 16, 9, 37]  # two decodes, then two prefills
     k_cache, v_cache, table = make_paged_kv(seq_lens, 2, 64, torch.float32, seed=9)
     v_cache[table[1, 0]] = 0.0  # request 1's whole context: every V scale of its tiles is 0
-    (k8, k_scales), (v8, v_scales) = (reference.quantize_int8(c) for c in (k_cache, v_cache))
-    scales = dict(k_scales=k_scales, v_scales=v_scales)
+    k8, v8, scales = reference.kv_caches_as(k_cache, v_cache, torch.int8)
     q = torch.randn(sum(q_lens), 8, 64, generator=torch.Generator().manual_seed(10)).to(dtype).to(device)
     qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
