@@ -12,6 +12,8 @@ caches (no sweep), in rows of their own beside the same transformers runs.
 
 "vs transformers" compares each workload by the metric of its quoted peers: ShareGPT in total tok/s (vLLM's and
 SGLang's figures), uniform in output tok/s (nano-vllm's bench.py divides the requests' max_tokens by the time).
+A transformers run stopped at --transformers-timeout is said so under the table: its rates are over that window,
+where its batch is usually still full, so a ratio against it is usually lower than against a complete run.
 
 Ceilings are measured in the same run: a device-to-device copy (bytes read + written over time) and a
 bf16 8192^3 matrix product. The compute roofline of a workload is that rate over 2 FLOP per parameter
@@ -175,6 +177,7 @@ def print_report(report: dict[str, Any]) -> None:
                       f"{row['total_tokens_per_s']:,.0f}", ratio, _pct(row["total_tokens_per_s"], bound))
 
     also = report.get("also_kv_cache_dtypes") or []
+    partial = []
     for workload, model in (("sharegpt", "large"), ("uniform", "small")):
         if f"gllm_{model}" not in report:  # not among --models
             continue
@@ -184,6 +187,9 @@ def print_report(report: dict[str, Any]) -> None:
         for engine, run in runs:
             add(workload, run.get("sharegpt") if model == "large" else run, base, roof[model], engine=engine)
         add(workload, base, None, roof[model], engine=base.get("engine", "transformers"))
+        if (base.get("note") or "").startswith("partial"):
+            partial.append(f"  {workload}: transformers stopped at its time limit with {base['completed']} of "
+                           f"{base['requests']} requests done; its rates are over those {base['seconds']:.0f} s")
     batch1_runs = [("gLLM", "gllm_large")] + [(f"gLLM, KV cache {cache}", f"gllm_large_{cache}") for cache in also]
     for engine, key in batch1_runs:
         b1 = report.get(key, {}).get("batch1")
@@ -197,6 +203,8 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  {workload}: {text}")
     print("  vs transformers: " + ", ".join(f"{w} in {k.removesuffix('_per_s').replace('_', ' ')}/s"
                                             for w, k in RATIO_METRIC.items()))
+    for line in partial:
+        print(line)
     sweep_rows = report.get("gllm_large", {}).get("sweep", [])
     prompt_len, output_len = report["batch1_shape"]
     sweep = Table(title=f"Latency vs batch ({prompt_len} prompt tokens, {output_len} generated; time includes the "

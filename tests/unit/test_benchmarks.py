@@ -77,12 +77,27 @@ def test_single_gpu_script_runs_every_workload_at_toy_size(tmp_path):
         assert not other_large.get("sweep") and other_small["completed"] == 3
         assert res.stdout.count(f"KV cache {cache}") == 3  # its ShareGPT, uniform and batch-1 rows
     assert "Single-GPU workloads" in res.stdout and "Latency vs batch" in res.stdout
+    assert "stopped at its time limit" not in res.stdout  # both baselines ran to completion
     # "vs transformers": ShareGPT in total tok/s, uniform (nano-vllm's benchmark) in output tok/s
     rows = {(r[0], r[1]): r for r in map(table_cells, res.stdout.splitlines()) if len(r) == 7}
     for workload, model, key in (("sharegpt", "large", "total_tokens_per_s"),
                                  ("uniform", "small", "output_tokens_per_s")):
         ours = report[f"gllm_{model}"]["sharegpt"] if model == "large" else report[f"gllm_{model}"]
         assert rows[workload, "gLLM"][5] == f"{ours[key] / report[f'transformers_{model}'][key]:.1f}x"
+
+
+def test_single_gpu_report_says_how_far_a_stopped_baseline_got(tmp_path):
+    small = make_tiny_model_dir("Qwen3ForCausalLM", tmp_path / "small", with_tokenizer=False)
+    out = tmp_path / "single.json"
+    res = subprocess.run([sys.executable, "benchmarks/single_gpu.py", "--models", "small", "--small-config",
+                          str(small), "--device", "cpu", "--dtype", "float32", "--uniform-requests", "3",
+                          "--uniform-range", "4", "12", "--max-output-len", "64", "--transformers-timeout", "0",
+                          "--output-json", str(out)],
+                         check=True, timeout=600, capture_output=True, text=True)
+    base = json.loads(out.read_text())["transformers_small"]
+    assert base["note"].startswith("partial") and base["completed"] < base["requests"] == 3
+    assert (f"uniform: transformers stopped at its time limit with {base['completed']} of 3 requests done; its "
+            f"rates are over those {base['seconds']:.0f} s") in res.stdout
 
 
 def test_step_kinds_charges_every_step_to_a_kind(tmp_path):
