@@ -2,10 +2,11 @@
 
 Which requests decode in which step, and over how much context, depends on the requests and the
 batching settings, not on the model. `record` therefore runs the engine on the CPU with a tiny random
-model and saves the context lengths of every decode-only step. `replay` rebuilds every Nth of those
-batches on a GPU at --config's attention shapes. Each batch is padded to the CUDA-graph size the
-engine would pad it to, with shuffled blocks. `paged_decode_attention` is then timed in CUDA graphs
-of 10 calls, and the totals are scaled to all steps and all layers.
+model and saves every step's plan: per scheduled sequence, the tokens computed before the step and the
+tokens it computes (`schedule_roofline.py` reads the same file). `replay` takes the decode-only steps
+and rebuilds every Nth of those batches on a GPU at --config's attention shapes. Each batch is padded
+to the CUDA-graph size the engine would pad it to, with shuffled blocks. `paged_decode_attention` is
+then timed in CUDA graphs of 10 calls, and the totals are scaled to all steps and all layers.
 
     python benchmarks/decode_replay.py record --requests-file .gpu/sharegpt1000.json --out decode_steps.json
     python benchmarks/decode_replay.py replay decode_steps.json --config benchmarks/configs/llama3-8b --every 5
@@ -28,13 +29,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from offline_throughput import workload_requests  # noqa: E402
+from schedule_roofline import BUCKETS  # noqa: E402
 
-BUCKETS = ((1, 16), (17, 63), (64, 127), (128, 255), (256, 511), (512, 1024))  # decode batch sizes, inclusive
 GRAPH_CALLS = 10
 
 
 def record(args: argparse.Namespace) -> None:
-    """Run the requests through the engine on the CPU and save each decode-only step's context lengths."""
+    """Run the requests through the engine on the CPU and save each step's plan: `[num_decodes, [[start,
+    num_new_tokens], ...]]`, decodes first."""
     from transformers import LlamaConfig
 
     from gllm_engine.config import EngineConfig
@@ -55,27 +57,31 @@ def record(args: argparse.Namespace) -> None:
         for i, r in enumerate(requests):
             core.add_request(str(i), r.prompt_token_ids,
                              SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True))
-        steps: list[list[int]] = []
-        num_steps = 0
+        steps: list[list] = []
         schedule = core.scheduler.schedule
 
         def recording_schedule():
-            nonlocal num_steps
             out = schedule()
             if out.scheduled:
-                num_steps += 1
-                if out.num_decodes == len(out.scheduled):
-                    steps.append([s.start + 1 for s in out.scheduled])  # context length, the new token's included
+                steps.append([out.num_decodes, [[s.start, s.num_new_tokens] for s in out.scheduled]])
             return out
 
         core.scheduler.schedule = recording_schedule
         while core.has_unfinished_requests():
             core.step()
     settings = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks")}
-    Path(args.out).write_text(json.dumps({"settings": settings, "requests": len(requests), "steps": num_steps,
-                                          "decode_steps": steps}))
-    tokens = sum(map(sum, steps))
-    print(f"{num_steps} steps, {len(steps)} decode-only, {tokens:,} context tokens read per layer -> {args.out}")
+    workload = {"requests": len(requests), "prompt_tokens": sum(len(r.prompt_token_ids) for r in requests),
+                "output_tokens": sum(r.output_len for r in requests)}
+    Path(args.out).write_text(json.dumps({"settings": settings, **workload, "steps": steps}))
+    decode_steps = decode_contexts(steps)
+    tokens = sum(map(sum, decode_steps))
+    print(f"{len(steps)} steps, {len(decode_steps)} decode-only, {tokens:,} context tokens read per layer "
+          f"-> {args.out}")
+
+
+def decode_contexts(steps: list[list]) -> list[list[int]]:
+    """The context lengths (the new token's included) of each decode-only step of a recorded schedule."""
+    return [[start + 1 for start, _ in seqs] for num_decodes, seqs in steps if num_decodes == len(seqs)]
 
 
 def replay(args: argparse.Namespace) -> None:
@@ -103,7 +109,8 @@ def replay(args: argparse.Namespace) -> None:
     num_heads, num_kv_heads = hf.num_attention_heads, hf.num_key_value_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
     layers, dtype, device = hf.num_hidden_layers, torch.bfloat16, torch.device("cuda")
-    sampled = recorded["decode_steps"][::args.every]
+    decode_steps = decode_contexts(recorded["steps"])
+    sampled = decode_steps[::args.every]
     sizes = capture_sizes(max_num_seqs)
     num_blocks = max(sum(-(-c // block_size) for c in lens) for lens in sampled) + 1
     cache_dtype = KV_CACHE_TORCH_DTYPES.get(args.kv_cache_dtype, dtype)
@@ -137,7 +144,7 @@ def replay(args: argparse.Namespace) -> None:
                 step()
         results.append((len(lens), sum(lens), triton.testing.do_bench(graph.replay) / GRAPH_CALLS * 1e-3))
 
-    table = Table(title=f"Decode attention over {len(sampled)} of {len(recorded['decode_steps'])} decode steps "
+    table = Table(title=f"Decode attention over {len(sampled)} of {len(decode_steps)} decode steps "
                         f"({torch.cuda.get_device_name(device)}, Hq={num_heads} Hkv={num_kv_heads} D={head_dim}, "
                         f"{layers} layers, KV cache {str(cache_dtype).removeprefix('torch.')})")
     for column in ("batch", "steps timed", "seconds (all steps, all layers)", "KV read (TB)", "TB/s"):
@@ -161,7 +168,7 @@ def replay(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    rec = commands.add_parser("record", help="run the requests on the CPU and save the decode steps")
+    rec = commands.add_parser("record", help="run the requests on the CPU and save every step's plan")
     rec.add_argument("--requests-file", help="requests saved by offline_throughput.py --save-requests")
     rec.add_argument("--num-prompts", type=int, default=1000)
     rec.add_argument("--seed", type=int, default=0)

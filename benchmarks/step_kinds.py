@@ -1,4 +1,5 @@
-"""Where an offline run's time goes, by kind of step: decode only, or with prefill chunks (by its tokens).
+"""Where an offline run's time goes, by kind of step: decode only (by batch size), or with prefill chunks (by
+its tokens).
 
     python benchmarks/step_kinds.py --requests-file .gpu/sharegpt1000.json [--max-num-seqs N] [--enforce-eager]
 
@@ -27,13 +28,14 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from offline_throughput import add_gllm_arguments, dummy_gllm, sync_device, warmup_requests, workload_requests  # noqa: E402
+from schedule_roofline import DECODE_BUCKETS, decode_bucket  # noqa: E402
 
-KINDS = ("decode", "prefill <= 512", "prefill <= 1024", "prefill > 1024")
+KINDS = (*DECODE_BUCKETS, "prefill <= 512", "prefill <= 1024", "prefill > 1024")
 
 
 def kind_of(num_tokens: int, num_decodes: int, num_seqs: int) -> str:
     if num_decodes == num_seqs:
-        return "decode"
+        return decode_bucket(num_seqs)
     return "prefill <= 512" if num_tokens <= 512 else "prefill <= 1024" if num_tokens <= 1024 else "prefill > 1024"
 
 

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from benchmarks.decode_replay import decode_contexts
+from benchmarks.schedule_roofline import DenseShapes, step_bound
 from tests.helpers import make_tiny_model_dir, table_cells
 
 
@@ -108,12 +110,12 @@ def test_step_kinds_charges_every_step_to_a_kind(tmp_path):
                          env={**os.environ, "COLUMNS": "200"})  # one line per table row
     assert "5 requests in" in res.stdout and "Steps by kind" in res.stdout
     steps = {line.split("│")[1].strip(): int(line.split("│")[2]) for line in res.stdout.splitlines()
-             if line.startswith("│") and line.split("│")[1].strip() in ("decode", "prefill <= 512")}
+             if line.startswith("│") and line.split("│")[1].strip() in ("decode 1-16", "prefill <= 512")}
     # One prefill step takes all five prompts, then three decode steps give tokens 2 to 4.
-    assert steps == {"prefill <= 512": 1, "decode": 3}, res.stdout
+    assert steps == {"prefill <= 512": 1, "decode 1-16": 3}, res.stdout
 
 
-def test_decode_replay_records_the_context_length_of_every_decode_step(tmp_path):
+def test_decode_replay_records_every_step_and_the_context_length_of_each_decode(tmp_path):
     requests = tmp_path / "requests.json"
     requests.write_text(json.dumps([{"prompt_token_ids": [1, 2, 3, 4, 5], "output_len": 3},
                                     {"prompt_token_ids": [6, 7, 8], "output_len": 2}]))
@@ -122,8 +124,41 @@ def test_decode_replay_records_the_context_length_of_every_decode_step(tmp_path)
                     "--num-blocks", "64", "--max-model-len", "64", "--out", str(out)], check=True, timeout=600)
     recorded = json.loads(out.read_text())
     # one prefill step samples each first token; then each decode reads its prompt and outputs so far
-    assert recorded["steps"] == 3 and recorded["decode_steps"] == [[6, 4], [7]]
+    assert recorded["steps"] == [[0, [[0, 5], [0, 3]]], [2, [[5, 1], [3, 1]]], [1, [[6, 1]]]]
+    assert decode_contexts(recorded["steps"]) == [[6, 4], [7]]
     assert recorded["settings"]["max_num_seqs"] == 1024 and recorded["requests"] == 2
+
+
+def test_step_bound_takes_the_slower_of_bytes_and_flops_per_phase():
+    # 100 body + 10 head parameters of 2 bytes; K and V of a token 8 bytes; 2 layers, query width 4
+    shapes = DenseShapes(body_params=100, head_params=10, layers=2, q_width=4, kv_token_bytes=8, weight_bytes=2)
+    # two decodes over contexts of 9 and 4 tokens: weights (220 bytes) and KV (13 tokens: 104 bytes) bound
+    decode = step_bound([[8, 1], [3, 1]], shapes, bandwidth=10.0, flops=1e9)
+    assert (decode.steps, decode.tokens) == (1, 2)
+    assert decode.linear_s == pytest.approx(22.0) and decode.attention_s == pytest.approx(10.4)
+    # a 6-token prompt chunk after 2 cached tokens: FLOPs bound both phases at a slow matmul rate
+    chunk = step_bound([[2, 6]], shapes, bandwidth=1e9, flops=10.0)
+    assert chunk.linear_s == pytest.approx(2 * (100 * 6 + 10 * 1) / 10.0)
+    pairs = 6 * 2 + 6 * 7 / 2  # each new token sees the cached ones and itself and those before it
+    assert chunk.attention_s == pytest.approx(4 * 2 * 4 * pairs / 10.0)
+
+
+def test_schedule_roofline_bounds_every_recorded_step(tmp_path):
+    model = make_tiny_model_dir("LlamaForCausalLM", tmp_path / "m", with_tokenizer=False)
+    requests = tmp_path / "requests.json"
+    requests.write_text(json.dumps([{"prompt_token_ids": list(range(1, 40)), "output_len": 5},
+                                    {"prompt_token_ids": [6, 7, 8], "output_len": 2}]))
+    schedule = tmp_path / "steps.json"
+    subprocess.run([sys.executable, "benchmarks/decode_replay.py", "record", "--requests-file", str(requests),
+                    "--num-blocks", "64", "--max-model-len", "64", "--out", str(schedule)], check=True, timeout=600)
+    res = subprocess.run([sys.executable, "benchmarks/schedule_roofline.py", str(schedule), "--config", str(model),
+                          "--bandwidth", "1", "--tflops", "1", "--measured-tok-s", "1e6"], check=True, timeout=600,
+                         capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    rows = {cells[0]: cells[1:] for cells in map(table_cells, res.stdout.splitlines()) if len(cells) == 7}
+    # one step prefills both prompts, one decodes both, three decode the longer request alone
+    assert rows["with prefill"][:2] == ["1", "42"] and rows["decode 1-16"][:2] == ["4", "5"]
+    assert rows["all"][:2] == ["5", "47"] and rows["all"][-1] == "100%"
+    assert "bound:" in res.stdout and "of this bound" in res.stdout
 
 
 def test_kv_cache_accuracy_compares_every_run_with_the_first():

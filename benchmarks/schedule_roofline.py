@@ -1,0 +1,154 @@
+"""The roofline of a recorded schedule: the fewest seconds its steps can take on a GPU of given ceilings.
+
+A workload's compute roofline (2 FLOP per parameter per token over the matmul rate) ignores that an
+offline run is a sequence of steps, and that a step of few tokens still streams every weight. This
+script walks the steps of a schedule that `decode_replay.py record` saved and bounds each step by
+its two phases, which run one after the other:
+
+  linear layers  max(weight bytes / bandwidth, 2 x parameters x tokens / matmul rate); the LM head
+                 only for the rows that sample, the embedding table not streamed;
+  attention      max(KV bytes / bandwidth, FLOPs / matmul rate): each sequence reads its context
+                 once per layer (K and V), and its new tokens attend causally to it.
+
+Elementwise kernels, sampling and the host are left out, so a real run can only be slower. Ceilings
+are the measured ones that `single_gpu.py` prints (a device-to-device copy, a bf16 8192^3 matmul).
+
+    python benchmarks/decode_replay.py record --requests-file .gpu/sharegpt1000.json --out schedule.json
+    python benchmarks/schedule_roofline.py schedule.json --config benchmarks/configs/llama3-8b \\
+        --bandwidth 3.05 --tflops 693 --measured-tok-s 24000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+BUCKETS = ((1, 16), (17, 63), (64, 127), (128, 255), (256, 511), (512, 1024))  # decode batch sizes, inclusive
+KV_BYTES = {"auto": 2.0, "fp8": 1.0}  # bytes a cached value (bf16 model); int8 adds a float32 scale per head
+
+
+@dataclass(frozen=True)
+class DenseShapes:
+    """What a dense decoder's step streams and computes, from its HF config."""
+
+    body_params: int  # every weight but the embedding table and the LM head
+    head_params: int
+    layers: int
+    q_width: int  # query heads x head dim
+    kv_token_bytes: float  # K and V of one token, all layers
+    weight_bytes: int  # bytes a parameter
+
+    @classmethod
+    def from_config(cls, config_dir: str, kv_cache_dtype: str = "auto") -> DenseShapes:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        hf = AutoConfig.from_pretrained(config_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf)
+        total = sum(p.numel() for p in model.parameters())  # a tied head is counted once
+        table = hf.vocab_size * hf.hidden_size
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        per_head = head_dim * KV_BYTES[kv_cache_dtype] if kv_cache_dtype in KV_BYTES else head_dim + 4  # int8
+        return cls(body_params=total - table * (1 if hf.tie_word_embeddings else 2), head_params=table,
+                   layers=hf.num_hidden_layers, q_width=hf.num_attention_heads * head_dim,
+                   kv_token_bytes=2 * hf.num_hidden_layers * hf.num_key_value_heads * per_head, weight_bytes=2)
+
+
+@dataclass
+class Bound:
+    """Seconds and tokens of a group of steps."""
+
+    steps: int = 0
+    tokens: int = 0
+    linear_s: float = 0.0
+    attention_s: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.linear_s + self.attention_s
+
+    def add(self, other: Bound) -> None:
+        self.steps += other.steps
+        self.tokens += other.tokens
+        self.linear_s += other.linear_s
+        self.attention_s += other.attention_s
+
+
+def step_bound(seqs: list[list[int]], shapes: DenseShapes, bandwidth: float, flops: float) -> Bound:
+    """The bound of one step: `seqs` holds `[start, num_new_tokens]` per sequence. Each sequence's last
+    row counts as sampling (a chunk short of its prompt's end does not: a slight overcount of the LM head)."""
+    tokens = sum(n for _, n in seqs)
+    linear = max((shapes.body_params + shapes.head_params) * shapes.weight_bytes / bandwidth,
+                 2 * (shapes.body_params * tokens + shapes.head_params * len(seqs)) / flops)
+    kv_bytes = sum(start + n for start, n in seqs) * shapes.kv_token_bytes
+    # QK^T and PV: 2 x 2 FLOP per query width per (query, key) pair; causal within the new tokens
+    pairs = sum(n * start + n * (n + 1) / 2 for start, n in seqs)
+    attention = max(kv_bytes / bandwidth, 4 * shapes.layers * shapes.q_width * pairs / flops)
+    return Bound(1, tokens, linear, attention)
+
+
+def decode_bucket(batch: int) -> str:
+    """The name of a decode-only step's batch-size bucket, e.g. "decode 17-63"."""
+    low, high = next(b for b in BUCKETS if b[0] <= batch <= b[1])
+    return f"decode {low}-{high}"
+
+
+DECODE_BUCKETS = tuple(decode_bucket(low) for low, _ in BUCKETS)
+
+
+def schedule_bound(steps: list[list], shapes: DenseShapes, bandwidth: float, flops: float) -> dict[str, Bound]:
+    """Bounds per kind of step ("decode LOW-HIGH" by batch size, "with prefill") and "all"."""
+    groups: dict[str, Bound] = {}
+    total = Bound()
+    for num_decodes, seqs in steps:
+        bound = step_bound(seqs, shapes, bandwidth, flops)
+        kind = decode_bucket(len(seqs)) if num_decodes == len(seqs) else "with prefill"
+        groups.setdefault(kind, Bound()).add(bound)
+        total.add(bound)
+    return {**{k: groups[k] for k in (*DECODE_BUCKETS, "with prefill") if k in groups}, "all": total}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("schedule", help="the file `decode_replay.py record` wrote")
+    ap.add_argument("--config", default="benchmarks/configs/llama3-8b", help="a dense model's config directory")
+    ap.add_argument("--bandwidth", type=float, required=True, help="copy bandwidth, TB/s")
+    ap.add_argument("--tflops", type=float, required=True, help="bf16 matmul rate, TFLOP/s")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "int8"), help="auto: bfloat16")
+    ap.add_argument("--measured-tok-s", type=float, help="a run's total tok/s, to say how near it is")
+    args = ap.parse_args()
+    recorded = json.loads(Path(args.schedule).read_text())
+    steps = recorded["steps"]
+    shapes = DenseShapes.from_config(args.config, args.kv_cache_dtype)
+    bandwidth, flops = args.bandwidth * 1e12, args.tflops * 1e12
+    bounds = schedule_bound(steps, shapes, bandwidth, flops)
+    total = bounds["all"]
+    title = (f"Roofline of {recorded['requests']} requests' schedule ({len(steps)} steps; {Path(args.config).name}, "
+             f"KV cache {args.kv_cache_dtype}; {args.bandwidth:g} TB/s, {args.tflops:g} TFLOP/s)")
+    table = Table(title=title)
+    table.add_column("steps")
+    for column in ("count", "tokens computed", "linear layers s", "attention s", "bound s", "share"):
+        table.add_column(column, justify="right")
+    for name, b in bounds.items():
+        table.add_row(name, f"{b.steps:,}", f"{b.tokens:,}", f"{b.linear_s:.2f}", f"{b.attention_s:.2f}",
+                      f"{b.seconds:.2f}", f"{b.seconds / total.seconds:.0%}")
+    console = Console()
+    console.print(table)
+    # rates over the workload's tokens (prompt + output), as the throughput benchmarks count them
+    workload_tokens = recorded["prompt_tokens"] + recorded["output_tokens"]
+    compute_only = 2 * (shapes.body_params + shapes.head_params) * workload_tokens / flops
+    console.print(f"bound: {workload_tokens / total.seconds:,.0f} total tok/s ({total.seconds:.2f} s); the compute "
+                  f"roofline alone: {workload_tokens / compute_only:,.0f} tok/s ({compute_only:.2f} s)")
+    if args.measured_tok_s:
+        console.print(f"measured {args.measured_tok_s:,.0f} tok/s: "
+                      f"{args.measured_tok_s / (workload_tokens / total.seconds):.0%} of this bound")
+
+
+if __name__ == "__main__":
+    main()
