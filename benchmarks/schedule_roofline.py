@@ -114,6 +114,17 @@ def schedule_bound(steps: list[list], shapes: DenseShapes, bandwidth: float, flo
     return {**{k: groups[k] for k in (*DECODE_BUCKETS, "with prefill") if k in groups}, "all": total}
 
 
+def workload_tokens(recorded: dict) -> int:
+    """Prompt and output tokens of a recorded schedule's requests, as the throughput benchmarks count them."""
+    return recorded["prompt_tokens"] + recorded["output_tokens"]
+
+
+def bound_tokens_per_s(recorded: dict, config_dir: str, kv_cache_dtype: str, bandwidth: float, flops: float) -> float:
+    """The total tok/s no run of `recorded` (what `decode_replay.py record` saved) can beat at these ceilings."""
+    shapes = DenseShapes.from_config(config_dir, kv_cache_dtype)
+    return workload_tokens(recorded) / schedule_bound(recorded["steps"], shapes, bandwidth, flops)["all"].seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("schedule", help="the file `decode_replay.py record` wrote")
@@ -140,14 +151,13 @@ def main() -> None:
                       f"{b.seconds:.2f}", f"{b.seconds / total.seconds:.0%}")
     console = Console()
     console.print(table)
-    # rates over the workload's tokens (prompt + output), as the throughput benchmarks count them
-    workload_tokens = recorded["prompt_tokens"] + recorded["output_tokens"]
-    compute_only = 2 * (shapes.body_params + shapes.head_params) * workload_tokens / flops
-    console.print(f"bound: {workload_tokens / total.seconds:,.0f} total tok/s ({total.seconds:.2f} s); the compute "
-                  f"roofline alone: {workload_tokens / compute_only:,.0f} tok/s ({compute_only:.2f} s)")
+    tokens = workload_tokens(recorded)
+    compute_only = 2 * (shapes.body_params + shapes.head_params) * tokens / flops
+    console.print(f"bound: {tokens / total.seconds:,.0f} total tok/s ({total.seconds:.2f} s); the compute "
+                  f"roofline alone: {tokens / compute_only:,.0f} tok/s ({compute_only:.2f} s)")
     if args.measured_tok_s:
         console.print(f"measured {args.measured_tok_s:,.0f} tok/s: "
-                      f"{args.measured_tok_s / (workload_tokens / total.seconds):.0%} of this bound")
+                      f"{args.measured_tok_s / (tokens / total.seconds):.0%} of this bound")
 
 
 if __name__ == "__main__":

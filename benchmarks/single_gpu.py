@@ -18,7 +18,9 @@ where its batch is usually still full, so a ratio against it is usually lower th
 Ceilings are measured in the same run: a device-to-device copy (bytes read + written over time) and a
 bf16 8192^3 matrix product. The compute roofline of a workload is that rate over 2 FLOP per parameter
 per token; the batch-1 bound is the weight bytes over the copy bandwidth. Published peers are quoted
-beside our numbers, not measured here.
+beside our numbers, not measured here. With --sharegpt-schedule (the ShareGPT requests' schedule, from
+`decode_replay.py record`) ShareGPT's rows are also given as a share of that schedule's roofline
+(`schedule_roofline.py`), per KV cache dtype: the bound its steps cannot beat at the measured ceilings.
 
     python benchmarks/single_gpu.py --requests-file .gpu/sharegpt1000.json --output-json out.json
     python benchmarks/single_gpu.py --config DIR --small-config DIR --device cpu --dtype float32 \\
@@ -50,6 +52,7 @@ from offline_throughput import (  # noqa: E402
     warmup_requests,
     workload_requests,
 )
+from schedule_roofline import bound_tokens_per_s  # noqa: E402
 
 from gllm_cli.datasets import BenchRequest, uniform_requests  # noqa: E402
 
@@ -204,6 +207,11 @@ def print_report(report: dict[str, Any]) -> None:
                                             for w, k in RATIO_METRIC.items()))
     for line in partial:
         print(line)
+    for cache, bound in report.get("schedule_roofline", {}).items():
+        run = report.get("gllm_large" if cache == report.get("kv_cache_dtype") else f"gllm_large_{cache}", {})
+        measured = (run.get("sharegpt") or {}).get("total_tokens_per_s")
+        print(f"  sharegpt: its schedule's roofline with KV cache {cache}: {bound:,.0f} total tok/s"
+              + (f"; gLLM at {_pct(measured, bound)}" if measured else ""))
     sweep_rows = report.get("gllm_large", {}).get("sweep", [])
     prompt_len, output_len = report["batch1_shape"]
     sweep = Table(title=f"Latency vs batch ({prompt_len} prompt tokens, {output_len} generated; time includes the "
@@ -229,6 +237,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--requests-file", help="ShareGPT requests saved by offline_throughput.py --save-requests")
+    ap.add_argument("--sharegpt-schedule", help="the ShareGPT requests' schedule (decode_replay.py record)")
     ap.add_argument("--num-prompts", type=int, default=1000)
     ap.add_argument("--num-prompts-transformers", type=int, default=200, help="ShareGPT requests for transformers")
     ap.add_argument("--uniform-requests", type=int, default=256)
@@ -279,8 +288,14 @@ def main() -> None:
         print(f"{key}: {json.dumps(report[key])[:300]}", flush=True)
         if args.output_json:
             Path(args.output_json).write_text(json.dumps(report, indent=2))
-    if report["ceilings"].get("device"):
-        report["device"] = report["ceilings"]["device"]
+    ceilings = report["ceilings"]
+    if ceilings.get("device"):
+        report["device"] = ceilings["device"]
+    if args.sharegpt_schedule and ceilings.get("flops") and "large" in args.models:
+        recorded = json.loads(Path(args.sharegpt_schedule).read_text())
+        report["schedule_roofline"] = {
+            cache: bound_tokens_per_s(recorded, args.config, cache, ceilings["bandwidth"], ceilings["flops"])
+            for cache in (args.kv_cache_dtype, *args.also_kv_cache_dtype)}
     print_report(report)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(report, indent=2))

@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks.decode_replay import decode_contexts
 from benchmarks.schedule_roofline import DenseShapes, step_bound
+from benchmarks.single_gpu import print_report
 from tests.helpers import make_tiny_model_dir, table_cells
 
 
@@ -86,6 +87,20 @@ def test_single_gpu_script_runs_every_workload_at_toy_size(tmp_path):
                                  ("uniform", "small", "output_tokens_per_s")):
         ours = report[f"gllm_{model}"]["sharegpt"] if model == "large" else report[f"gllm_{model}"]
         assert rows[workload, "gLLM"][5] == f"{ours[key] / report[f'transformers_{model}'][key]:.1f}x"
+
+
+def test_single_gpu_report_gives_sharegpt_as_a_share_of_its_schedule_roofline(capsys):
+    row = {"requests_per_s": 50.0, "output_tokens_per_s": 17000.0, "total_tokens_per_s": 24000.0}
+    report = {"device": "GPU", "dtype": "bfloat16", "kv_cache_dtype": "auto", "also_kv_cache_dtypes": ["fp8"],
+              "config": "llama3-8b", "small_config": "qwen3-0.6b", "params": {"large": 8e9, "small": 6e8},
+              "weight_bytes": 16e9, "batch1_shape": [128, 256], "ceilings": {"flops": 7e14, "bandwidth": 3e12},
+              "gllm_large": {"sharegpt": row}, "gllm_large_fp8": {"sharegpt": {**row, "total_tokens_per_s": 25000.0}},
+              "transformers_large": {**row, "total_tokens_per_s": 800.0},
+              "schedule_roofline": {"auto": 30000.0, "fp8": 31250.0}}
+    print_report(report)
+    out = capsys.readouterr().out
+    assert "its schedule's roofline with KV cache auto: 30,000 total tok/s; gLLM at 80%" in out
+    assert "its schedule's roofline with KV cache fp8: 31,250 total tok/s; gLLM at 80%" in out
 
 
 def test_single_gpu_report_says_how_far_a_stopped_baseline_got(tmp_path):
