@@ -258,6 +258,11 @@ def main() -> None:
 
     sharegpt = (workload_requests(args.requests_file, args.num_prompts, args.seed, args.max_output_len)
                 if "large" in args.models else [])
+    recorded = (json.loads(Path(args.sharegpt_schedule).read_text())
+                if args.sharegpt_schedule and "large" in args.models else None)
+    if recorded and recorded["requests"] != len(sharegpt):
+        sys.exit(f"--sharegpt-schedule holds the schedule of {recorded['requests']} requests, not of the "
+                 f"{len(sharegpt)} ShareGPT requests run here")
     small_vocab = json.loads((Path(args.small_config) / "config.json").read_text())["vocab_size"]
     uniform = uniform_requests(args.uniform_requests, *args.uniform_range, vocab_size=small_vocab, seed=args.seed)
     if args.max_output_len:
@@ -291,8 +296,7 @@ def main() -> None:
     ceilings = report["ceilings"]
     if ceilings.get("device"):
         report["device"] = ceilings["device"]
-    if args.sharegpt_schedule and ceilings.get("flops") and "large" in args.models:
-        recorded = json.loads(Path(args.sharegpt_schedule).read_text())
+    if recorded and ceilings.get("flops"):
         report["schedule_roofline"] = {
             cache: bound_tokens_per_s(recorded, args.config, cache, ceilings["bandwidth"], ceilings["flops"])
             for cache in (args.kv_cache_dtype, *args.also_kv_cache_dtype)}
