@@ -32,6 +32,16 @@ BUCKETS = ((1, 16), (17, 63), (64, 127), (128, 255), (256, 511), (512, 1024))  #
 KV_BYTES = {"auto": 2.0, "fp8": 1.0}  # bytes a cached value (bf16 model); int8 adds a float32 scale per head
 
 
+def model_params(config_dir: str) -> int:
+    """Parameters of the model at `config_dir` (a tied LM head counted once), counted on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
 @dataclass(frozen=True)
 class DenseShapes:
     """What a dense decoder's step streams and computes, from its HF config."""
@@ -45,13 +55,10 @@ class DenseShapes:
 
     @classmethod
     def from_config(cls, config_dir: str, kv_cache_dtype: str = "auto") -> DenseShapes:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         hf = AutoConfig.from_pretrained(config_dir)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf)
-        total = sum(p.numel() for p in model.parameters())  # a tied head is counted once
+        total = model_params(config_dir)
         table = hf.vocab_size * hf.hidden_size
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         per_head = head_dim * KV_BYTES[kv_cache_dtype] if kv_cache_dtype in KV_BYTES else head_dim + 4  # int8

@@ -52,7 +52,7 @@ from offline_throughput import (  # noqa: E402
     warmup_requests,
     workload_requests,
 )
-from schedule_roofline import bound_tokens_per_s  # noqa: E402
+from schedule_roofline import bound_tokens_per_s, model_params  # noqa: E402
 
 from gllm_cli.datasets import BenchRequest, uniform_requests  # noqa: E402
 
@@ -68,16 +68,6 @@ RATIO_METRIC = {"sharegpt": "total_tokens_per_s", "uniform": "output_tokens_per_
 MODELS = ("large", "small")
 MATMUL_N = 8192
 COPY_BYTES = 4 << 30
-
-
-def _params(config_dir: str) -> int:
-    """Parameters of the model at `config_dir`, counted on the meta device (no memory, no weights)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
-    return sum(p.numel() for p in model.parameters())
 
 
 def measure_ceilings(args: argparse.Namespace, _requests: list[BenchRequest], report) -> None:
@@ -268,7 +258,7 @@ def main() -> None:
     if args.max_output_len:
         for r in uniform:
             r.output_len = min(r.output_len, args.max_output_len)
-    params = {"large": _params(args.config), "small": _params(args.small_config)}
+    params = {"large": model_params(args.config), "small": model_params(args.small_config)}
     itemsize = 4 if args.dtype == "float32" else 2
     report: dict[str, Any] = dict(device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
                                   also_kv_cache_dtypes=args.also_kv_cache_dtype, config=args.config,

@@ -142,6 +142,7 @@ def test_decode_replay_records_every_step_and_the_context_length_of_each_decode(
     assert recorded["steps"] == [[0, [[0, 5], [0, 3]]], [2, [[5, 1], [3, 1]]], [1, [[6, 1]]]]
     assert decode_contexts(recorded["steps"]) == [[6, 4], [7]]
     assert recorded["settings"]["max_num_seqs"] == 1024 and recorded["requests"] == 2
+    assert (recorded["prompt_tokens"], recorded["output_tokens"]) == (8, 5)
 
 
 def test_step_bound_takes_the_slower_of_bytes_and_flops_per_phase():
