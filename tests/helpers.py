@@ -144,7 +144,7 @@ def table_cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("│").split("│")]
 
 
-def run_scheduled_step(sched: Any, token: int) -> Any:
+def run_scheduled_step(sched: Any, token: int = 7) -> Any:
     """Schedule a step of `sched` (a `Scheduler`), pretend it ran: every sequence that samples gets `token`."""
     plan = sched.schedule()
     for s in plan.scheduled:

@@ -20,8 +20,23 @@ class SeqStatus(enum.Enum):
 _seq_counter = itertools.count()
 
 
+class PromptThenOutput:
+    """`token_ids` holds the prompt (its first `num_prompt_tokens`) then the generated tokens."""
+
+    token_ids: list[int]
+    num_prompt_tokens: int
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+
 @dataclass(eq=False)
-class Sequence:
+class Sequence(PromptThenOutput):
     """One of a request's `n` samples; the unit the scheduler batches.
 
     `token_ids` holds the prompt then the generated tokens known so far; `num_pending` more were
@@ -57,14 +72,6 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
 
     @property
     def finished(self) -> bool:

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from gllm_engine.core.request import PromptThenOutput
 from gllm_engine.layers.attention import AttentionMetadata
 from gllm_engine.sampling_params import SamplingParams
 
@@ -48,7 +49,7 @@ class StepPlan:
 
 
 @dataclass
-class SeqState:
+class SeqState(PromptThenOutput):
     """A rank's mirror of one sequence."""
 
     seq_id: int
@@ -57,14 +58,6 @@ class SeqState:
     params: SamplingParams
     block_ids: list[int]
     block_array: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))  # block_ids, for numpy
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
 
     def fill_sampled(self, pos: int, token: int) -> None:
         """Put a sampled token in at `pos` if the mirror already reaches it (holding `PENDING_TOKEN`);

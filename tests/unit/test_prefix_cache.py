@@ -22,9 +22,6 @@ def make_seq(tokens: list[int], rid: str = "r", n: int = 1, cache_salt: str | No
     return Request.create(rid, tokens, SamplingParams(max_tokens=1000, n=n), cache_salt=cache_salt).seqs
 
 
-def step(sched: Scheduler, token: int = 99):
-    return run_scheduled_step(sched, token)
-
 
 def check_accounting(sched: Scheduler, live) -> None:
     pool = sched.kv_cache.pool
@@ -39,10 +36,10 @@ def test_second_identical_prompt_hits_all_full_blocks_but_the_last_token():
     prompt = list(range(100, 112))  # 12 tokens = 3 full blocks of 4
     (a,) = make_seq(prompt, "a")
     sched.add(a)
-    step(sched)
+    run_scheduled_step(sched)
     (b,) = make_seq(prompt, "b")
     sched.add(b)
-    plan = step(sched)
+    plan = run_scheduled_step(sched)
     # Only 2 blocks may be reused: the last token must be computed to get logits.
     assert b.num_cached_tokens == 8 and b.block_ids[:2] == a.block_ids[:2]
     assert [s.num_new_tokens for s in plan.scheduled if s.seq is b] == [4]
@@ -56,7 +53,7 @@ def test_only_requests_with_the_same_cache_salt_share_blocks():
             for rid, salt in (("plain", None), ("a1", "a"), ("a2", "a"), ("b", "b"), ("plain2", None))]
     for s in seqs:
         sched.add(s)
-        step(sched)
+        run_scheduled_step(sched)
     assert [s.num_cached_tokens for s in seqs] == [0, 0, 8, 0, 8]
     plain, a1, a2, b, plain2 = seqs
     assert a2.block_ids[:2] == a1.block_ids[:2] and plain2.block_ids[:2] == plain.block_ids[:2]
@@ -69,9 +66,9 @@ def test_prompts_diverging_inside_a_block_share_only_the_blocks_before():
     (a,) = make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "a")
     (b,) = make_seq([1, 2, 3, 4, 5, 6, 0, 8, 9, 10], "b")
     sched.add(a)
-    step(sched)
+    run_scheduled_step(sched)
     sched.add(b)
-    step(sched)
+    run_scheduled_step(sched)
     assert b.num_cached_tokens == 4 and b.block_ids[0] == a.block_ids[0] and b.block_ids[1] != a.block_ids[1]
 
 
@@ -79,22 +76,22 @@ def test_freed_blocks_stay_reusable_until_evicted_lru():
     sched = make_scheduler(num_blocks=6)
     (a,) = make_seq(list(range(9)), "a")
     sched.add(a)
-    step(sched)
+    run_scheduled_step(sched)
     sched.finish(a, "stop")
     assert sched.kv_cache.num_free_blocks == 6
     (b,) = make_seq(list(range(9)), "b")
     sched.add(b)
-    step(sched)
+    run_scheduled_step(sched)
     assert b.num_cached_tokens == 8
     sched.finish(b, "stop")
     # Fill the whole pool with other content: the cached blocks are evicted, nothing breaks.
     (c,) = make_seq(list(range(50, 72)), "c")
     sched.add(c)
-    step(sched)
+    run_scheduled_step(sched)
     sched.finish(c, "stop")
     (d,) = make_seq(list(range(9)), "d")
     sched.add(d)
-    step(sched)
+    run_scheduled_step(sched)
     assert d.num_cached_tokens == 0
     check_accounting(sched, [d])
 
@@ -104,7 +101,7 @@ def test_parallel_samples_share_the_prompt_blocks():
     seqs = make_seq(list(range(13)), "p", n=3)
     for s in seqs:
         sched.add(s)
-    step(sched)
+    run_scheduled_step(sched)
     first = [s.block_ids[:3] for s in seqs]
     assert first[0] == first[1] == first[2]
     assert sched.kv_cache.pool.ref_counts[first[0][0]] == 3
@@ -130,7 +127,7 @@ def test_random_workloads_keep_the_pool_consistent(ops):
                 sched.add(s)
             live.extend(seqs)
         elif op == "step":
-            step(sched)
+            run_scheduled_step(sched)
             for s in [s for s in live if s.num_tokens >= 48 and not s.finished]:
                 sched.finish(s, "length")
         elif live:
@@ -156,5 +153,5 @@ def test_a_rolled_back_step_leaves_no_names_for_unwritten_blocks():
     sched.finish(a, "abort")
     (b,) = make_seq(list(range(100, 113)), "b")
     sched.add(b)
-    step(sched)
+    run_scheduled_step(sched)
     assert b.num_cached_tokens == 0  # nothing stale was reused

@@ -23,17 +23,14 @@ def make_seq(prompt_len: int, rid: str = "r"):
     return Request.create(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=100)).seqs[0]
 
 
-def run_step(sched: Scheduler, token: int = 7):
-    return run_scheduled_step(sched, token)
-
 
 def test_prefill_then_decodes_first():
     sched = make_scheduler()
     a, b = make_seq(10, "a"), make_seq(6, "b")
     sched.add(a)
-    run_step(sched)  # a prefilled
+    run_scheduled_step(sched)  # a prefilled
     sched.add(b)
-    plan = run_step(sched)
+    plan = run_scheduled_step(sched)
     assert [(s.seq.request_id, s.num_new_tokens) for s in plan.scheduled] == [("a", 1), ("b", 6)]
     assert plan.num_decodes == 1
     assert all(s.samples for s in plan.scheduled)
@@ -45,7 +42,7 @@ def test_chunked_prefill_respects_budget_and_samples_only_at_the_end():
     sched.add(seq)
     chunks = []
     while seq.num_output_tokens == 0:
-        plan = run_step(sched)
+        plan = run_scheduled_step(sched)
         assert plan.num_tokens <= 8
         chunks.append((plan.scheduled[0].num_new_tokens, plan.scheduled[0].samples))
     assert chunks == [(8, False), (8, False), (4, True)]
@@ -57,9 +54,9 @@ def test_without_chunking_a_prompt_waits_for_a_whole_budget():
     a, b = make_seq(8, "a"), make_seq(8, "b")
     sched.add(a)
     sched.add(b)
-    plan = run_step(sched)
+    plan = run_scheduled_step(sched)
     assert [s.seq.request_id for s in plan.scheduled] == ["a"]
-    plan = run_step(sched)
+    plan = run_scheduled_step(sched)
     assert [(s.seq.request_id, s.num_new_tokens) for s in plan.scheduled] == [("a", 1), ("b", 8)]
 
 
@@ -67,7 +64,7 @@ def test_max_num_seqs_limits_running():
     sched = make_scheduler(max_num_seqs=2)
     for i in range(3):
         sched.add(make_seq(3, str(i)))
-    run_step(sched)
+    run_scheduled_step(sched)
     assert len(sched.running) == 2 and len(sched.waiting) == 1
 
 
@@ -77,14 +74,14 @@ def test_preemption_frees_blocks_and_recomputes_later():
     a, b = make_seq(7, "a"), make_seq(7, "b")
     sched.add(a)
     sched.add(b)
-    run_step(sched)  # both prefilled (7 computed, 8 known): 2 blocks each
-    run_step(sched)  # 8 computed, 9 known: still 2 blocks each
-    plan = run_step(sched)  # position 8 needs a third block each: b (latest) is preempted
+    run_scheduled_step(sched)  # both prefilled (7 computed, 8 known): 2 blocks each
+    run_scheduled_step(sched)  # 8 computed, 9 known: still 2 blocks each
+    plan = run_scheduled_step(sched)  # position 8 needs a third block each: b (latest) is preempted
     assert plan.preempted == [b]
     assert b.block_ids == [] and b.num_computed_tokens == 0 and sched.waiting[0] is b
     assert sched.kv_cache.num_free_blocks == 1
     sched.finish(a, "stop")
-    plan = run_step(sched)  # b recomputes its prompt and its two generated tokens
+    plan = run_scheduled_step(sched)  # b recomputes its prompt and its two generated tokens
     assert plan.scheduled[0].seq is b and plan.scheduled[0].num_new_tokens == 9
     sched.finish(b, "stop")
     assert sched.kv_cache.num_free_blocks == 4
@@ -96,8 +93,8 @@ def test_a_sequence_that_cannot_grow_while_the_rest_is_scheduled_preempts_itself
     first, second = make_seq(4, "a"), make_seq(4, "b")
     sched.add(first)
     sched.add(second)
-    run_step(sched)  # both prompts, one block each; one block left
-    plan = run_step(sched)  # both need a second block: the first takes it, the second has no victim but itself
+    run_scheduled_step(sched)  # both prompts, one block each; one block left
+    plan = run_scheduled_step(sched)  # both need a second block: the first gets it, the second has no victim but itself
     assert [s.seq for s in plan.scheduled] == [first] and plan.preempted == [second]
 
 
@@ -106,7 +103,7 @@ def test_a_sequence_that_fills_the_whole_cache_is_not_scheduled_further():
     assert sched.max_seq_len == 8  # the cache, not max_model_len (1024), is the limit
     seq = make_seq(7)
     sched.add(seq)
-    run_step(sched)  # 7 prompt tokens, then the 8th sampled: the engine finishes it for length
+    run_scheduled_step(sched)  # 7 prompt tokens, then the 8th sampled: the engine finishes it for length
     plan = sched.schedule()
     assert plan.is_empty and not plan.preempted
 
