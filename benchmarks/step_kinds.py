@@ -11,11 +11,19 @@ prefill chunks are classified by their tokens in all (decodes included); up to t
 (1,024 tokens, at most 16 chunks) they replay graphs. A table
 per kind gives steps, total seconds, median / p90 / max milliseconds and mean tokens, plus the
 slowest steps (a long one usually means a kernel compiled mid-run).
+
+With `--schedule` (the same requests' schedule from `decode_replay.py record`) the table also gives each
+decode bucket's bound from `schedule_roofline.py` and the share of it the run reached (bound / measured),
+and a line does the same for the steps with prefill chunks and for the whole run. Ceilings come from
+`--bandwidth` and `--tflops`, else are measured as `single_gpu.py` measures them.
+
+    python benchmarks/step_kinds.py --requests-file .gpu/sharegpt1000.json --schedule .gpu/schedule.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -28,9 +36,10 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from offline_throughput import add_gllm_arguments, dummy_gllm, sync_device, warmup_requests, workload_requests  # noqa: E402
-from schedule_roofline import DECODE_BUCKETS, decode_bucket  # noqa: E402
+from schedule_roofline import DECODE_BUCKETS, Bound, DenseShapes, decode_bucket, schedule_bound  # noqa: E402
 
-KINDS = (*DECODE_BUCKETS, "prefill <= 512", "prefill <= 1024", "prefill > 1024")
+PREFILL_KINDS = ("prefill <= 512", "prefill <= 1024", "prefill > 1024")
+KINDS = (*DECODE_BUCKETS, *PREFILL_KINDS)
 
 
 def kind_of(num_tokens: int, num_decodes: int, num_seqs: int) -> str:
@@ -83,10 +92,37 @@ def run(args: argparse.Namespace) -> dict[str, list[tuple[float, int]]]:
     return times
 
 
-def print_tables(times: dict[str, list[tuple[float, int]]]) -> None:
+def schedule_bounds(args: argparse.Namespace) -> dict[str, Bound] | None:
+    """`schedule_roofline.schedule_bound` of `--schedule` at the given or measured ceilings; None without one."""
+    if not args.schedule:
+        return None
+    recorded = json.loads(Path(args.schedule).read_text())
+    requests = workload_requests(args.requests_file, args.num_prompts, args.seed, args.max_output_len)
+    workload = (len(requests), sum(len(r.prompt_token_ids) for r in requests), sum(r.output_len for r in requests))
+    if workload != (recorded["requests"], recorded["prompt_tokens"], recorded["output_tokens"]):
+        sys.exit("--schedule was recorded for other requests: (requests, prompt tokens, output tokens) "
+                 f"{recorded['requests'], recorded['prompt_tokens'], recorded['output_tokens']}, this run {workload}")
+    bandwidth, flops = args.bandwidth, args.tflops
+    if bandwidth is None or flops is None:
+        from single_gpu import measure_ceilings
+
+        ceilings = {}
+        measure_ceilings(args, [], ceilings.update)
+        if ceilings["bandwidth"] is None:
+            sys.exit("no GPU to measure ceilings on: give --bandwidth and --tflops")
+        bandwidth, flops = ceilings["bandwidth"] / 1e12, ceilings["flops"] / 1e12
+    print(f"ceilings: {bandwidth:.2f} TB/s, {flops:.0f} TFLOP/s")
+    shapes = DenseShapes.from_config(args.config, args.kv_cache_dtype)
+    return schedule_bound(recorded["steps"], shapes, bandwidth * 1e12, flops * 1e12)
+
+
+def print_tables(times: dict[str, list[tuple[float, int]]], bounds: dict[str, Bound] | None = None) -> None:
     console = Console(highlight=False)
     table = Table(title="Steps by kind")
-    for col in ("kind", "steps", "total s", "median ms", "p90 ms", "max ms", "mean tokens", "slowest (ms, tokens)"):
+    columns = ["kind", "steps", "total s", "median ms", "p90 ms", "max ms", "mean tokens"]
+    if bounds:
+        columns += ["bound steps", "bound s", "of bound"]
+    for col in (*columns, "slowest (ms, tokens)"):
         table.add_column(col, justify="left" if col in ("kind", "slowest (ms, tokens)") else "right")
     for kind in KINDS:
         rows = times.get(kind)
@@ -94,10 +130,22 @@ def print_tables(times: dict[str, list[tuple[float, int]]]) -> None:
             continue
         ms = sorted(m for m, _ in rows)
         slowest = ", ".join(f"{m:.0f} ({n})" for m, n in sorted(rows, reverse=True)[:3])
-        table.add_row(kind, str(len(rows)), f"{sum(ms) / 1e3:.2f}", f"{statistics.median(ms):.2f}",
-                      f"{ms[int(0.9 * (len(ms) - 1))]:.2f}", f"{ms[-1]:.1f}",
-                      f"{sum(n for _, n in rows) / len(rows):.0f}", slowest)
+        cells = [kind, str(len(rows)), f"{sum(ms) / 1e3:.2f}", f"{statistics.median(ms):.2f}",
+                 f"{ms[int(0.9 * (len(ms) - 1))]:.2f}", f"{ms[-1]:.1f}", f"{sum(n for _, n in rows) / len(rows):.0f}"]
+        if bounds:
+            bound = bounds.get(kind)
+            cells += ([f"{bound.steps}", f"{bound.seconds:.2f}", f"{bound.seconds / (sum(ms) / 1e3):.0%}"]
+                      if bound else ["", "", ""])
+        table.add_row(*cells, slowest)
     console.print(table)
+    if bounds:
+        def measured_s(kinds) -> float:
+            return sum(m for kind in kinds for m, _ in times.get(kind, ())) / 1e3
+
+        for name, kinds in (("with prefill", PREFILL_KINDS), ("all", KINDS)):
+            bound = bounds.get(name, Bound())
+            console.print(f"{name}: {measured_s(kinds):.2f} s measured, {bound.seconds:.2f} s bound "
+                          f"({bound.seconds / max(measured_s(kinds), 1e-9):.0%} of it reached)")
 
 
 def main() -> None:
@@ -110,7 +158,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     add_gllm_arguments(ap)
     ap.add_argument("--max-output-len", type=int, default=None, help="cap output lengths (smoke runs only)")
-    print_tables(run(ap.parse_args()))
+    ap.add_argument("--schedule", help="the same requests' schedule (decode_replay.py record): bounds per kind")
+    ap.add_argument("--bandwidth", type=float, help="with --schedule: copy bandwidth, TB/s (default: measured)")
+    ap.add_argument("--tflops", type=float, help="with --schedule: bf16 matmul rate, TFLOP/s (default: measured)")
+    args = ap.parse_args()
+    bounds = schedule_bounds(args)
+    print_tables(run(args), bounds)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from benchmarks.decode_replay import decode_contexts
-from benchmarks.schedule_roofline import DenseShapes, step_bound
+from benchmarks.schedule_roofline import DenseShapes, schedule_bound, step_bound
 from benchmarks.single_gpu import print_report
 from tests.helpers import make_tiny_model_dir, table_cells
 
@@ -128,6 +128,30 @@ def test_step_kinds_charges_every_step_to_a_kind(tmp_path):
              if line.startswith("│") and line.split("│")[1].strip() in ("decode 1-16", "prefill <= 512")}
     # One prefill step takes all five prompts, then three decode steps give tokens 2 to 4.
     assert steps == {"prefill <= 512": 1, "decode 1-16": 3}, res.stdout
+
+
+def test_step_kinds_sets_each_kind_beside_its_schedule_bound(tmp_path):
+    model = make_tiny_model_dir("LlamaForCausalLM", tmp_path / "m", with_tokenizer=False, vocab_size=49152)
+    requests = tmp_path / "requests.json"
+    requests.write_text(json.dumps([{"prompt_token_ids": list(range(1, 40)), "output_len": 5},
+                                    {"prompt_token_ids": [6, 7, 8], "output_len": 2}]))
+    schedule = tmp_path / "steps.json"
+    subprocess.run([sys.executable, "benchmarks/decode_replay.py", "record", "--requests-file", str(requests),
+                    "--num-blocks", "64", "--max-model-len", "64", "--out", str(schedule)], check=True, timeout=600)
+    run = [sys.executable, "benchmarks/step_kinds.py", "--config", str(model), "--device", "cpu", "--dtype",
+           "float32", "--requests-file", str(requests), "--schedule", str(schedule), "--bandwidth", "1e-9",
+           "--tflops", "1e-9"]
+    res = subprocess.run(run, check=True, timeout=600, capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "250"})
+    rows = {cells[0]: cells[1:] for cells in map(table_cells, res.stdout.splitlines()) if len(cells) == 11}
+    # the run's steps are the recorded ones (four decode-only, one with prefill), bounded as schedule_roofline does
+    assert rows["decode 1-16"][0] == rows["decode 1-16"][6] == "4"
+    bounds = schedule_bound(json.loads(schedule.read_text())["steps"], DenseShapes.from_config(str(model)), 1e3, 1e3)
+    assert rows["decode 1-16"][7] == f"{bounds['decode 1-16'].seconds:.2f}"
+    assert "with prefill: " in res.stdout and "all: " in res.stdout and "ceilings: 0.00 TB/s" in res.stdout
+    other = subprocess.run([*run[:-6], "--num-prompts", "1", *run[-6:]], timeout=600, capture_output=True,
+                           text=True)
+    assert other.returncode != 0 and "recorded for other requests" in other.stderr
 
 
 def test_decode_replay_records_every_step_and_the_context_length_of_each_decode(tmp_path):
