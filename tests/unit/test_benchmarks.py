@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -130,14 +131,20 @@ def test_step_kinds_charges_every_step_to_a_kind(tmp_path):
     assert steps == {"prefill <= 512": 1, "decode 1-16": 3}, res.stdout
 
 
-def test_step_kinds_sets_each_kind_beside_its_schedule_bound(tmp_path):
-    model = make_tiny_model_dir("LlamaForCausalLM", tmp_path / "m", with_tokenizer=False, vocab_size=49152)
+def record_two_requests(tmp_path: Path) -> tuple[Path, Path]:
+    """Two requests (39 + 5 and 3 + 2 tokens) and their schedule from `decode_replay.py record`."""
     requests = tmp_path / "requests.json"
     requests.write_text(json.dumps([{"prompt_token_ids": list(range(1, 40)), "output_len": 5},
                                     {"prompt_token_ids": [6, 7, 8], "output_len": 2}]))
     schedule = tmp_path / "steps.json"
     subprocess.run([sys.executable, "benchmarks/decode_replay.py", "record", "--requests-file", str(requests),
                     "--num-blocks", "64", "--max-model-len", "64", "--out", str(schedule)], check=True, timeout=600)
+    return requests, schedule
+
+
+def test_step_kinds_sets_each_kind_beside_its_schedule_bound(tmp_path):
+    model = make_tiny_model_dir("LlamaForCausalLM", tmp_path / "m", with_tokenizer=False, vocab_size=49152)
+    requests, schedule = record_two_requests(tmp_path)
     run = [sys.executable, "benchmarks/step_kinds.py", "--config", str(model), "--device", "cpu", "--dtype",
            "float32", "--requests-file", str(requests), "--schedule", str(schedule), "--bandwidth", "1e-9",
            "--tflops", "1e-9"]
@@ -185,12 +192,7 @@ def test_step_bound_takes_the_slower_of_bytes_and_flops_per_phase():
 
 def test_schedule_roofline_bounds_every_recorded_step(tmp_path):
     model = make_tiny_model_dir("LlamaForCausalLM", tmp_path / "m", with_tokenizer=False)
-    requests = tmp_path / "requests.json"
-    requests.write_text(json.dumps([{"prompt_token_ids": list(range(1, 40)), "output_len": 5},
-                                    {"prompt_token_ids": [6, 7, 8], "output_len": 2}]))
-    schedule = tmp_path / "steps.json"
-    subprocess.run([sys.executable, "benchmarks/decode_replay.py", "record", "--requests-file", str(requests),
-                    "--num-blocks", "64", "--max-model-len", "64", "--out", str(schedule)], check=True, timeout=600)
+    _, schedule = record_two_requests(tmp_path)
     res = subprocess.run([sys.executable, "benchmarks/schedule_roofline.py", str(schedule), "--config", str(model),
                           "--bandwidth", "1", "--tflops", "1", "--measured-tok-s", "1e6"], check=True, timeout=600,
                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
