@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from offline_throughput import workload_requests  # noqa: E402
-from schedule_roofline import BUCKETS  # noqa: E402
+from schedule_roofline import BUCKETS, workload  # noqa: E402
 
 GRAPH_CALLS = 10
 
@@ -70,9 +70,7 @@ def record(args: argparse.Namespace) -> None:
         while core.has_unfinished_requests():
             core.step()
     settings = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks")}
-    workload = {"requests": len(requests), "prompt_tokens": sum(len(r.prompt_token_ids) for r in requests),
-                "output_tokens": sum(r.output_len for r in requests)}
-    Path(args.out).write_text(json.dumps({"settings": settings, **workload, "steps": steps}))
+    Path(args.out).write_text(json.dumps({"settings": settings, **workload(requests), "steps": steps}))
     decode_steps = decode_contexts(steps)
     tokens = sum(map(sum, decode_steps))
     print(f"{len(steps)} steps, {len(decode_steps)} decode-only, {tokens:,} context tokens read per layer "

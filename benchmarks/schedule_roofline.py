@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,20 @@ def schedule_bound(steps: list[list], shapes: DenseShapes, bandwidth: float, flo
         groups.setdefault(kind, Bound()).add(bound)
         total.add(bound)
     return {**{k: groups[k] for k in (*DECODE_BUCKETS, "with prefill") if k in groups}, "all": total}
+
+
+def workload(requests: list) -> dict[str, int]:
+    """What a schedule file records of its requests (`BenchRequest`s), to tell whether a run is of the same ones."""
+    return {"requests": len(requests), "prompt_tokens": sum(len(r.prompt_token_ids) for r in requests),
+            "output_tokens": sum(r.output_len for r in requests)}
+
+
+def check_workload(recorded: dict, requests: list, option: str) -> None:
+    """Exit, saying so, if `recorded` (the file given as `option`) was recorded for other requests."""
+    ours = workload(requests)
+    theirs = {k: recorded[k] for k in ours}
+    if ours != theirs:
+        sys.exit(f"{option} was recorded for other requests ({theirs}); this run has {ours}")
 
 
 def workload_tokens(recorded: dict) -> int:

@@ -52,7 +52,7 @@ from offline_throughput import (  # noqa: E402
     warmup_requests,
     workload_requests,
 )
-from schedule_roofline import bound_tokens_per_s, model_params  # noqa: E402
+from schedule_roofline import bound_tokens_per_s, check_workload, model_params  # noqa: E402
 
 from gllm_cli.datasets import BenchRequest, uniform_requests  # noqa: E402
 
@@ -250,9 +250,8 @@ def main() -> None:
                 if "large" in args.models else [])
     recorded = (json.loads(Path(args.sharegpt_schedule).read_text())
                 if args.sharegpt_schedule and "large" in args.models else None)
-    if recorded and recorded["requests"] != len(sharegpt):
-        sys.exit(f"--sharegpt-schedule holds the schedule of {recorded['requests']} requests, not of the "
-                 f"{len(sharegpt)} ShareGPT requests run here")
+    if recorded:
+        check_workload(recorded, sharegpt, "--sharegpt-schedule")
     small_vocab = json.loads((Path(args.small_config) / "config.json").read_text())["vocab_size"]
     uniform = uniform_requests(args.uniform_requests, *args.uniform_range, vocab_size=small_vocab, seed=args.seed)
     if args.max_output_len:

@@ -36,7 +36,16 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from offline_throughput import add_gllm_arguments, dummy_gllm, sync_device, warmup_requests, workload_requests  # noqa: E402
-from schedule_roofline import DECODE_BUCKETS, Bound, DenseShapes, decode_bucket, schedule_bound  # noqa: E402
+from schedule_roofline import (  # noqa: E402
+    DECODE_BUCKETS,
+    Bound,
+    DenseShapes,
+    check_workload,
+    decode_bucket,
+    schedule_bound,
+)
+
+from gllm_cli.datasets import BenchRequest  # noqa: E402
 
 PREFILL_KINDS = ("prefill <= 512", "prefill <= 1024", "prefill > 1024")
 KINDS = (*DECODE_BUCKETS, *PREFILL_KINDS)
@@ -48,11 +57,10 @@ def kind_of(num_tokens: int, num_decodes: int, num_seqs: int) -> str:
     return "prefill <= 512" if num_tokens <= 512 else "prefill <= 1024" if num_tokens <= 1024 else "prefill > 1024"
 
 
-def run(args: argparse.Namespace) -> dict[str, list[tuple[float, int]]]:
+def run(args: argparse.Namespace, requests: list[BenchRequest]) -> dict[str, list[tuple[float, int]]]:
     """Per kind: (milliseconds, tokens) of every step of the workload."""
     from gllm_engine import SamplingParams
 
-    requests = workload_requests(args.requests_file, args.num_prompts, args.seed, args.max_output_len)
     llm = dummy_gllm(args, args.config)
     llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warmup_requests(requests)],
                  SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
@@ -92,16 +100,12 @@ def run(args: argparse.Namespace) -> dict[str, list[tuple[float, int]]]:
     return times
 
 
-def schedule_bounds(args: argparse.Namespace) -> dict[str, Bound] | None:
+def schedule_bounds(args: argparse.Namespace, requests: list[BenchRequest]) -> dict[str, Bound] | None:
     """`schedule_roofline.schedule_bound` of `--schedule` at the given or measured ceilings; None without one."""
     if not args.schedule:
         return None
     recorded = json.loads(Path(args.schedule).read_text())
-    requests = workload_requests(args.requests_file, args.num_prompts, args.seed, args.max_output_len)
-    workload = (len(requests), sum(len(r.prompt_token_ids) for r in requests), sum(r.output_len for r in requests))
-    if workload != (recorded["requests"], recorded["prompt_tokens"], recorded["output_tokens"]):
-        sys.exit("--schedule was recorded for other requests: (requests, prompt tokens, output tokens) "
-                 f"{recorded['requests'], recorded['prompt_tokens'], recorded['output_tokens']}, this run {workload}")
+    check_workload(recorded, requests, "--schedule")
     bandwidth, flops = args.bandwidth, args.tflops
     if bandwidth is None or flops is None:
         from single_gpu import measure_ceilings
@@ -162,8 +166,9 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, help="with --schedule: copy bandwidth, TB/s (default: measured)")
     ap.add_argument("--tflops", type=float, help="with --schedule: bf16 matmul rate, TFLOP/s (default: measured)")
     args = ap.parse_args()
-    bounds = schedule_bounds(args)
-    print_tables(run(args), bounds)
+    requests = workload_requests(args.requests_file, args.num_prompts, args.seed, args.max_output_len)
+    bounds = schedule_bounds(args, requests)  # before the engine: measuring the ceilings needs GPU memory
+    print_tables(run(args, requests), bounds)
 
 
 if __name__ == "__main__":

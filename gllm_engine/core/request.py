@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from gllm_engine.outputs import Logprob
+from gllm_engine.runner.input_batch import PromptThenOutput
 from gllm_engine.sampling_params import SamplingParams
 
 
@@ -18,21 +19,6 @@ class SeqStatus(enum.Enum):
 
 
 _seq_counter = itertools.count()
-
-
-class PromptThenOutput:
-    """`token_ids` holds the prompt (its first `num_prompt_tokens`) then the generated tokens."""
-
-    token_ids: list[int]
-    num_prompt_tokens: int
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
 
 
 @dataclass(eq=False)

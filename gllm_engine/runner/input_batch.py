@@ -16,7 +16,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from gllm_engine.core.request import PromptThenOutput
 from gllm_engine.layers.attention import AttentionMetadata
 from gllm_engine.sampling_params import SamplingParams
 
@@ -46,6 +45,21 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.seqs)
+
+
+class PromptThenOutput:
+    """`token_ids` holds the prompt (its first `num_prompt_tokens`) then the generated tokens."""
+
+    token_ids: list[int]
+    num_prompt_tokens: int
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
 
 @dataclass
