@@ -371,9 +371,11 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 # ---------------------------------------------------------------------------------------------------
-# Decode: grid (requests, KV heads, segments). One program holds all GROUP query heads of its KV head,
-# so each KV tile is loaded once for the whole group. With several segments, each writes its partial
-# output and log-sum-exp and `_split_reduce_kernel` merges them.
+# Decode: grid (KV heads, requests, segments). One program holds all GROUP query heads of its KV head,
+# so each KV tile is loaded once for the whole group. KV heads vary fastest, so the programs of one
+# request run together and read each token's cache row (all its heads, contiguous) at once: 3-5% faster
+# on an H100 than requests first (`benchmarks/RESULTS.md`, 2026-12-07). With several segments, each
+# writes its partial output and log-sum-exp and `_split_reduce_kernel` merges them.
 
 
 @triton.jit(do_not_specialize=["num_splits", "stride_table"])
@@ -387,8 +389,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
                    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRODUCT_DTYPE: tl.constexpr,
                    PTX_WIDEN: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)
-    req = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(0)
+    req = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + req)
     if SPLIT:
@@ -420,7 +422,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
                                      UPCAST_DOT, DOT_PRECISION, PRODUCT_DTYPE, PTX_WIDEN)
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty segment (or context) leaves zeros
     if SPLIT:
-        part = (req * tl.num_programs(1) * GROUP + heads) * num_splits + split  # [BLOCK_G] row of [B, Hq, S]
+        part = (req * tl.num_programs(0) * GROUP + heads) * num_splits + split  # [BLOCK_G] row of [B, Hq, S]
         tl.store(part_lse_ptr + part, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), mask=g < GROUP)  # -inf if empty
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=io_mask)
     else:
@@ -476,7 +478,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_out = part_lse = out  # unused
     block_d = triton.next_power_of_2(head_dim)
     scale_args, cache_constexprs = _cache_args(q, k_cache, v_cache, k_scales, v_scales)
-    _decode_kernel[(batch, num_kv_heads, num_splits)](
+    _decode_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, scale * _LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
