@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.decode_replay import decode_contexts
+from benchmarks.matmul_rows import matmul_bound
 from benchmarks.schedule_roofline import DenseShapes, schedule_bound, step_bound
 from benchmarks.single_gpu import print_report
 from tests.helpers import make_tiny_model_dir, table_cells
@@ -234,3 +235,27 @@ def test_sass_check_compiles_every_kernel_for_hopper_without_spills():
         assert by_case[kernel, "fp8"]["widened by"] == by_case[kernel, "int8"]["widened by"] == "PTX"
         assert by_case[kernel, "int8"]["I2F"] == by_case[kernel, "bf16"]["I2F"]  # only the bf16 kernel's own
         assert int(by_case[kernel, "bf16"]["in loop"]) > 0  # a loop over context tiles was found
+
+
+def test_matmul_bound_takes_the_slower_of_moving_the_operands_and_the_flops():
+    # 4 rows through a 10 x 6 weight, 2-byte values: 60 + 24 + 40 elements moved, 480 FLOPs
+    assert matmul_bound(4, 10, 6, bandwidth=248.0, flops=1e9) == pytest.approx(1.0)
+    assert matmul_bound(4, 10, 6, bandwidth=1e9, flops=48.0) == pytest.approx(10.0)
+
+
+def test_matmul_rows_times_every_projection_at_every_row_count(tmp_path):
+    model = make_tiny_model_dir("LlamaForCausalLM", tmp_path / "m", with_tokenizer=False)
+    config = json.loads((model / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    res = subprocess.run([sys.executable, "benchmarks/matmul_rows.py", "--config", str(model), "--device", "cpu",
+                          "--rows", "2", "8", "--bandwidth", "1", "--tflops", "1"], check=True, timeout=600,
+                         capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    rows = {cells[0]: cells[1:] for cells in map(table_cells, res.stdout.splitlines()) if len(cells) == 3}
+    qkv = (config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * head_dim
+    assert list(rows) == [f"qkv ({qkv} x {config['hidden_size']})",
+                          f"o ({config['hidden_size']} x {config['hidden_size']})",
+                          f"gate_up ({2 * config['intermediate_size']} x {config['hidden_size']})",
+                          f"down ({config['hidden_size']} x {config['intermediate_size']})",
+                          f"lm_head ({config['vocab_size']} x {config['hidden_size']})",
+                          "layer (qkv + o + gate_up + down)"]
+    assert all(cell.endswith("%)") for cells in rows.values() for cell in cells)
