@@ -8,21 +8,20 @@ One row per projection of a layer of --config (qkv, o, gate_up, down) and the LM
 row count M: microseconds per call and the share of its bound, the larger of moving the weight, input
 and output once at the copy bandwidth and its FLOPs at the matmul rate (a share over 100%: faster than
 the 8192^3 matmul the rate was measured on). A last row sums the layer's four projections. Ceilings come
-from --bandwidth and --tflops, else are measured as `single_gpu.py` measures them. The weights rotate
-over enough copies (400 MB) that the L2 cache holds none of them, as in a decode step.
+from --bandwidth and --tflops, else are measured as `single_gpu.py` measures them. Calls are timed by
+`moe_kernel.bench_us` (triton's do_bench, which empties the L2 cache before each call, so the weight
+streams from memory as in a decode step).
 
 `--blas` sets torch's preferred BLAS library; `tunable` turns on PyTorch's TunableOp, which times the
-library's candidate algorithms for each shape on its first call and keeps the fastest. On the CPU
-(`--device cpu`) the table comes from wall-clock loops: a smoke run, not a measurement.
+library's candidate algorithms for each shape on its first call and keeps the fastest; both need CUDA.
+On the CPU (`--device cpu`) the table comes from wall-clock loops: a smoke run, not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -32,9 +31,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROTATE_BYTES = 400e6  # weight copies per projection: more than any L2 cache holds
-CALLS = 40  # calls per timed trial
-TRIALS = 3  # timed trials; the median counts
+from moe_kernel import bench_us  # noqa: E402
+from single_gpu import ceilings_or_measured  # noqa: E402
 
 
 def projection_shapes(config_dir: str) -> dict[str, tuple[int, int]]:
@@ -56,35 +54,13 @@ def matmul_bound(rows: int, out_features: int, in_features: int, bandwidth: floa
     return max(moved / bandwidth, 2 * rows * out_features * in_features / flops)
 
 
-def time_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> float:
-    """Median over trials of the mean seconds of `F.linear(x, w)`, w rotating over `weights`."""
-    for w in weights[:3]:  # warm up (and, with TunableOp, tune) first
-        F.linear(x, w)
-    trials = []
-    for _ in range(TRIALS):
-        if x.is_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for i in range(CALLS):
-                F.linear(x, weights[i % len(weights)])
-            end.record()
-            end.synchronize()
-            trials.append(start.elapsed_time(end) / 1e3 / CALLS)
-        else:
-            t = time.perf_counter()
-            for i in range(CALLS):
-                F.linear(x, weights[i % len(weights)])
-            trials.append((time.perf_counter() - t) / CALLS)
-    return statistics.median(trials)
-
-
 def set_blas(blas: str) -> None:
-    """Point torch's matmuls at `blas`: a preferred library, or TunableOp's per-shape choice."""
+    """Point torch's matmuls at `blas` (not "default"): a preferred library, or TunableOp's per-shape choice."""
     if blas == "tunable":
         torch.cuda.tunable.enable(True)
         torch.cuda.tunable.tuning_enable(True)
         torch.cuda.tunable.set_filename(str(Path(tempfile.gettempdir()) / "gllm_tunableop.csv"))  # not the cwd
-    elif blas != "default":
+    else:
         torch.backends.cuda.preferred_blas_library(blas)
 
 
@@ -100,16 +76,10 @@ def main() -> None:
     args = ap.parse_args()
     cuda = args.device != "cpu" and torch.cuda.is_available()
     args.device = "cuda" if cuda else "cpu"
-    bandwidth, flops = args.bandwidth, args.tflops
-    if bandwidth is None or flops is None:
-        if not cuda:
-            sys.exit("no GPU to measure ceilings on: give --bandwidth and --tflops")
-        from single_gpu import measure_ceilings
-
-        ceilings = {}
-        measure_ceilings(args, [], ceilings.update)
-        bandwidth, flops = ceilings["bandwidth"] / 1e12, ceilings["flops"] / 1e12
-    if args.blas != "default" and cuda:
+    if args.blas != "default" and not cuda:
+        sys.exit(f"--blas {args.blas} picks a CUDA library: it needs a GPU")
+    bandwidth, flops = ceilings_or_measured(args)
+    if args.blas != "default":
         set_blas(args.blas)
     dtype = getattr(torch, args.dtype)
     element_bytes = torch.finfo(dtype).bits // 8
@@ -120,25 +90,21 @@ def main() -> None:
     table.add_column("projection (out x in)")
     for rows in args.rows:
         table.add_column(f"M = {rows}", justify="right")
-    layer = [[0.0, 0.0] for _ in args.rows]  # seconds, bound
+    layer = [[0.0, 0.0] for _ in args.rows]  # µs, bound µs
     gen = torch.Generator(device=device).manual_seed(0)
     for proj, (out_features, in_features) in projection_shapes(args.config).items():
-        copies = max(2, int(ROTATE_BYTES // (out_features * in_features * element_bytes)))
-        weights = [torch.randn(out_features, in_features, generator=gen, device=device, dtype=dtype)
-                   for _ in range(copies)]
+        weight = torch.randn(out_features, in_features, generator=gen, device=device, dtype=dtype)
         cells = []
         for i, rows in enumerate(args.rows):
             x = torch.randn(rows, in_features, generator=gen, device=device, dtype=dtype)
-            seconds = time_linear(x, weights)
-            bound = matmul_bound(rows, out_features, in_features, bandwidth * 1e12, flops * 1e12, element_bytes)
-            cells.append(f"{seconds * 1e6:,.1f} ({bound / seconds:.0%})")
+            us = bench_us(lambda x=x, w=weight: F.linear(x, w), device)
+            bound = matmul_bound(rows, out_features, in_features, bandwidth * 1e12, flops * 1e12, element_bytes) * 1e6
+            cells.append(f"{us:,.1f} ({bound / us:.0%})")
             if proj != "lm_head":
-                layer[i][0] += seconds
+                layer[i][0] += us
                 layer[i][1] += bound
         table.add_row(f"{proj} ({out_features} x {in_features})", *cells)
-        del weights
-    table.add_row("layer (qkv + o + gate_up + down)",
-                  *(f"{seconds * 1e6:,.1f} ({bound / seconds:.0%})" for seconds, bound in layer))
+    table.add_row("layer (qkv + o + gate_up + down)", *(f"{us:,.1f} ({bound / us:.0%})" for us, bound in layer))
     Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 

@@ -88,6 +88,18 @@ def measure_ceilings(args: argparse.Namespace, _requests: list[BenchRequest], re
                 flops=2 * MATMUL_N**3 / (mm_ms / 1e3)))
 
 
+def ceilings_or_measured(args: argparse.Namespace) -> tuple[float, float]:
+    """(copy TB/s, matmul TFLOP/s): `args.bandwidth` and `args.tflops` where both are given, else measured
+    by `measure_ceilings`; exits where there is no GPU to measure on."""
+    if args.bandwidth is not None and args.tflops is not None:
+        return args.bandwidth, args.tflops
+    ceilings = {}
+    measure_ceilings(args, [], ceilings.update)
+    if ceilings["bandwidth"] is None:
+        sys.exit("no GPU to measure ceilings on: give --bandwidth and --tflops")
+    return ceilings["bandwidth"] / 1e12, ceilings["flops"] / 1e12
+
+
 def _fixed_requests(batch: int, prompt_len: int, output_len: int, vocab: int, seed: int) -> list[BenchRequest]:
     """`batch` requests of `prompt_len` random ids (different per request: no prefix is shared)."""
     return [BenchRequest(None, [(seed + 7919 * i + 31 * j) % vocab for j in range(prompt_len)], output_len)

@@ -106,15 +106,9 @@ def schedule_bounds(args: argparse.Namespace, requests: list[BenchRequest]) -> d
         return None
     recorded = json.loads(Path(args.schedule).read_text())
     check_workload(recorded, requests, "--schedule")
-    bandwidth, flops = args.bandwidth, args.tflops
-    if bandwidth is None or flops is None:
-        from single_gpu import measure_ceilings
+    from single_gpu import ceilings_or_measured
 
-        ceilings = {}
-        measure_ceilings(args, [], ceilings.update)
-        if ceilings["bandwidth"] is None:
-            sys.exit("no GPU to measure ceilings on: give --bandwidth and --tflops")
-        bandwidth, flops = ceilings["bandwidth"] / 1e12, ceilings["flops"] / 1e12
+    bandwidth, flops = ceilings_or_measured(args)
     print(f"ceilings: {bandwidth:.2f} TB/s, {flops:.0f} TFLOP/s")
     shapes = DenseShapes.from_config(args.config, args.kv_cache_dtype)
     return schedule_bound(recorded["steps"], shapes, bandwidth * 1e12, flops * 1e12)

@@ -259,3 +259,10 @@ def test_matmul_rows_times_every_projection_at_every_row_count(tmp_path):
                           f"lm_head ({config['vocab_size']} x {config['hidden_size']})",
                           "layer (qkv + o + gate_up + down)"]
     assert all(cell.endswith("%)") for cells in rows.values() for cell in cells)
+    us = {name: [float(cell.split(" (")[0].replace(",", "")) for cell in cells] for name, cells in rows.items()}
+    projections = [cells for name, cells in us.items() if not name.startswith(("lm_head", "layer"))]
+    assert us["layer (qkv + o + gate_up + down)"] == pytest.approx([sum(c) for c in zip(*projections)], abs=0.3)
+    cpu_blas = subprocess.run([sys.executable, "benchmarks/matmul_rows.py", "--config", str(model), "--device", "cpu",
+                               "--blas", "tunable", "--bandwidth", "1", "--tflops", "1"], timeout=600,
+                              capture_output=True, text=True)
+    assert cpu_blas.returncode != 0 and "needs a GPU" in cpu_blas.stderr
