@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from offline_throughput import workload_requests  # noqa: E402
 from schedule_roofline import BUCKETS, workload  # noqa: E402
+from timing import bench_us  # noqa: E402
 
 GRAPH_CALLS = 10
 
@@ -85,7 +86,6 @@ def decode_contexts(steps: list[list]) -> list[list[int]]:
 def replay(args: argparse.Namespace) -> None:
     """Time decode attention over every `--every`th recorded decode step; print a table per batch-size bucket."""
     import torch
-    import triton.testing
     from rich.console import Console
     from rich.table import Table
     from transformers import AutoConfig
@@ -140,7 +140,7 @@ def replay(args: argparse.Namespace) -> None:
         with torch.cuda.graph(graph):
             for _ in range(GRAPH_CALLS):
                 step()
-        results.append((len(lens), sum(lens), triton.testing.do_bench(graph.replay) / GRAPH_CALLS * 1e-3))
+        results.append((len(lens), sum(lens), bench_us(graph.replay, device) / GRAPH_CALLS * 1e-6))
 
     table = Table(title=f"Decode attention over {len(sampled)} of {len(decode_steps)} decode steps "
                         f"({torch.cuda.get_device_name(device)}, Hq={num_heads} Hkv={num_kv_heads} D={head_dim}, "

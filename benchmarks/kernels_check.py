@@ -3,11 +3,11 @@
     python benchmarks/kernels_check.py [--dtype bfloat16] [--quick]
 
 One row per case: kernel, shape, max |kernel - reference|, ok/FAIL (allclose at 2e-2), the kernel's and
-the reference's time in µs (triton.testing.do_bench, mean), and the kernel's achieved GB/s (memory-bound
-kernels) or TFLOP/s (prefill). Exits 1 if any case fails or raises; a raising case prints its traceback
-and the others still run. The kernel modules are loaded from their files, so only torch, triton and numpy
-are needed (not the engine's other dependencies); the prefill tile map comes from gllm_engine.layers.attention,
-which imports nothing more.
+the reference's time in µs (`timing.bench_us`: median, the L2 cache emptied before each call), and the
+kernel's achieved GB/s (memory-bound kernels) or TFLOP/s (prefill). Exits 1 if any case fails or raises;
+a raising case prints its traceback and the others still run. The kernel modules are loaded from their
+files, so only torch, triton and numpy are needed (not the engine's other dependencies); the prefill tile
+map comes from gllm_engine.layers.attention, which imports nothing more.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ import numpy as np
 import torch
 
 from gllm_engine.layers.attention import prefill_tile_map  # numpy only: the kernel's work list
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import bench_us  # noqa: E402
 
 KERNELS_DIR = Path(__file__).resolve().parents[1] / "gllm_engine" / "kernels"
 
@@ -87,12 +91,6 @@ def load_kernels() -> Kernels:
                    mods["linear"], mods["sampling"])
 
 
-def bench_us(fn: Callable[[], object]) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn) * 1e3
-
-
 def compare(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, bool]:
     a, e = actual.float(), expected.float()
     err = (a - e).abs().max().item() if a.numel() else 0.0
@@ -128,8 +126,8 @@ def check_decode(kn: Kernels, batch: int, ctx: int, dtype: torch.dtype, device: 
     args = (q, k_cache, v_cache, table, lens, SCALE)
     err, ok = compare(kn.attention.paged_decode_attention(*args, **scales),
                       kn.ref.paged_decode_attention(*args, **scales))
-    us = bench_us(lambda: kn.attention.paged_decode_attention(*args, **scales))
-    ref_us = bench_us(lambda: kn.ref.paged_decode_attention(*args, **scales))
+    us = bench_us(lambda: kn.attention.paged_decode_attention(*args, **scales), device)
+    ref_us = bench_us(lambda: kn.ref.paged_decode_attention(*args, **scales), device)
     splits = kn.attention.decode_num_splits(batch, NUM_KV_HEADS, table.shape[1] * BLOCK_SIZE, num_sms)
     num_bytes = (batch * ctx * NUM_KV_HEADS * 2 * (k_cache.element_size() * HEAD_DIM + (4 if scales else 0))
                  + 2 * batch * NUM_HEADS * q.element_size() * HEAD_DIM)
@@ -153,7 +151,7 @@ def check_decode_graph(kn: Kernels, batch: int, ctx: int, dtype: torch.dtype, de
     graph.replay()
     torch.cuda.synchronize()
     err, ok = compare(out, kn.ref.paged_decode_attention(*args))
-    us = bench_us(graph.replay)
+    us = bench_us(graph.replay, device)
     num_bytes = (batch * ctx * NUM_KV_HEADS * 2 + 2 * batch * NUM_HEADS) * HEAD_DIM * q.element_size()
     return Row("paged_decode (CUDA graph)", f"B={batch} ctx={ctx}", err, ok, us, float("nan"), gbps(num_bytes, us))
 
@@ -173,8 +171,8 @@ def check_prefill(kn: Kernels, num_reqs: int, q_len: int, cached: int, dtype: to
     expected = kn.ref.paged_prefill_attention(q.float(), k_cache.float(), v_cache.float(), table, qsl, lens, tiles,
                                               SCALE)
     err, ok = compare(out, expected)
-    us = bench_us(lambda: kn.attention.paged_prefill_attention(*args))
-    ref_us = bench_us(lambda: kn.ref.paged_prefill_attention(*args))
+    us = bench_us(lambda: kn.attention.paged_prefill_attention(*args), device)
+    ref_us = bench_us(lambda: kn.ref.paged_prefill_attention(*args), device)
     visible = num_reqs * (q_len * cached + q_len * (q_len + 1) // 2)  # (query, key) pairs under the causal mask
     flops = 4 * NUM_HEADS * HEAD_DIM * visible
     return Row("paged_prefill_attention", f"{num_reqs}x{q_len} new, {cached} cached", err, ok, us, ref_us,
@@ -191,8 +189,8 @@ def check_rms_norm(kn: Kernels, tokens: int, with_residual: bool, dtype: torch.d
     if with_residual:
         res_err, res_ok = compare(res, ref_res)
         err, ok = max(err, res_err), ok and res_ok
-    us = bench_us(lambda: kn.norm.rms_norm(x, weight, RMS_EPS, residual))
-    ref_us = bench_us(lambda: kn.ref.rms_norm(x, weight, RMS_EPS, residual))
+    us = bench_us(lambda: kn.norm.rms_norm(x, weight, RMS_EPS, residual), device)
+    ref_us = bench_us(lambda: kn.ref.rms_norm(x, weight, RMS_EPS, residual), device)
     num_bytes = tokens * HIDDEN * x.element_size() * (4 if with_residual else 2)
     return Row("rms_norm" + (" +residual" if with_residual else ""), f"T={tokens} H={HIDDEN}", err, ok, us, ref_us,
                gbps(num_bytes, us))
@@ -201,8 +199,8 @@ def check_rms_norm(kn: Kernels, tokens: int, with_residual: bool, dtype: torch.d
 def check_silu_and_mul(kn: Kernels, tokens: int, dtype: torch.dtype, device: torch.device) -> Row:
     x = torch.randn(tokens, 2 * INTERMEDIATE, dtype=dtype, device=device)
     err, ok = compare(kn.activation.silu_and_mul(x), kn.ref.silu_and_mul(x))
-    us = bench_us(lambda: kn.activation.silu_and_mul(x))
-    ref_us = bench_us(lambda: kn.ref.silu_and_mul(x))
+    us = bench_us(lambda: kn.activation.silu_and_mul(x), device)
+    ref_us = bench_us(lambda: kn.ref.silu_and_mul(x), device)
     return Row("silu_and_mul", f"T={tokens} I={INTERMEDIATE}", err, ok, us, ref_us,
                gbps(3 * tokens * INTERMEDIATE * x.element_size(), us))
 
@@ -233,8 +231,8 @@ def check_rotary_write_kv(kn: Kernels, tokens: int, qk_norm: bool, dtype: torch.
     kn.rotary.rotary_write_kv(*args[0])  # q and k in place, k and v into the cache
     kn.ref.rotary_write_kv(*args[1])
     errs = [compare(got, want) for got, want in ((qkvs[0], qkvs[1]), (caches[0], caches[2]), (caches[1], caches[3]))]
-    us = bench_us(lambda: kn.rotary.rotary_write_kv(*args[0]))
-    ref_us = bench_us(lambda: kn.ref.rotary_write_kv(*args[1]))
+    us = bench_us(lambda: kn.rotary.rotary_write_kv(*args[0]), device)
+    ref_us = bench_us(lambda: kn.ref.rotary_write_kv(*args[1]), device)
     num_bytes = tokens * (2 * (q_size + kv_size) + 2 * kv_size) * qkvs[0].element_size() + tokens * HEAD_DIM * 4
     return Row("rotary_write_kv" + (" +qk_norm" if qk_norm else ""), f"T={tokens}", max(e for e, _ in errs),
                all(ok for _, ok in errs), us, ref_us, gbps(num_bytes, us))
@@ -308,7 +306,7 @@ def graph_us(fn: Callable[[], object], calls: int = 20) -> float:
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
-    return bench_us(graph.replay) / calls
+    return bench_us(graph.replay, torch.device("cuda")) / calls
 
 
 def print_row(row: Row) -> None:

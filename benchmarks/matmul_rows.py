@@ -9,8 +9,8 @@ row count M: microseconds per call and the share of its bound, the larger of mov
 and output once at the copy bandwidth and its FLOPs at the matmul rate (a share over 100%: faster than
 the 8192^3 matmul the rate was measured on). A last row sums the layer's four projections. Ceilings come
 from --bandwidth and --tflops, else are measured as `single_gpu.py` measures them. Calls are timed by
-`moe_kernel.bench_us` (triton's do_bench, which empties the L2 cache before each call, so the weight
-streams from memory as in a decode step).
+`timing.bench_us` (median; the L2 cache emptied by a read before each call, so the weight streams from
+memory as in a decode step).
 
 `--blas` sets torch's preferred BLAS library; `tunable` turns on PyTorch's TunableOp, which times the
 library's candidate algorithms for each shape on its first call and keeps the fastest; both need CUDA.
@@ -31,8 +31,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from moe_kernel import bench_us  # noqa: E402
 from single_gpu import ceilings_or_measured  # noqa: E402
+from timing import bench_us  # noqa: E402
 
 
 def projection_shapes(config_dir: str) -> dict[str, tuple[int, int]]:

@@ -6,7 +6,7 @@ Shapes default to Qwen3-30B-A3B (128 experts, top-8, hidden 2048, expert interme
 For each batch of T tokens (random router logits, softmax top-k, renormalised):
   - checks `moe.fused_moe` against `reference.fused_moe` computed in float32 (allclose at 2e-2), eager
     and replayed from a CUDA graph (as the engine runs decode steps), and prints both max errors;
-  - times it with triton.testing.do_bench (mean, L2 flushed between runs): eager, in a CUDA graph, the
+  - times it with `timing.bench_us` (median, L2 cache emptied before each call): eager, in a CUDA graph, the
     expert sort alone in both implementations (the one-program Triton kernel `align_by_expert` uses up to
     ALIGN_KERNEL_MAX_PAIRS pairs, and the torch sort beyond), and the torch reference;
   - rates the CUDA-graph time: GB/s over the weights of the experts the batch touches, TFLOP/s over
@@ -30,7 +30,6 @@ import importlib.util
 import itertools
 import os
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +37,10 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import bench_us  # noqa: E402
 
 KERNELS_DIR = Path(__file__).resolve().parents[1] / "gllm_engine" / "kernels"
 ATOL = RTOL = 2e-2
@@ -63,20 +66,6 @@ def load_kernels() -> tuple[ModuleType, ModuleType]:
         spec.loader.exec_module(module)
         mods.append(module)
     return mods[0], mods[1]
-
-
-def bench_us(fn: Callable[[], object], device: torch.device) -> float:
-    """Mean time of `fn` in µs: triton.testing.do_bench on CUDA, a wall-clock loop on the CPU."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn) * 1e3
-    fn()
-    start, runs = time.perf_counter(), 0
-    while runs < 3 or time.perf_counter() - start < 0.2:
-        fn()
-        runs += 1
-    return (time.perf_counter() - start) / runs * 1e6
 
 
 @dataclass(frozen=True)

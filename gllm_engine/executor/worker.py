@@ -39,6 +39,10 @@ class Worker:
         device = rank_device(config, rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+            if torch.version.cuda:
+                # cuBLASLt's picks for decode-sized matmuls match or beat the default's on an H100
+                # (benchmarks/RESULTS.md, 2026-12-07: ShareGPT 1,000 +0.1-0.5%)
+                torch.backends.cuda.preferred_blas_library("cublaslt")
         else:
             # Ranks share the machine's cores.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.world_size))
