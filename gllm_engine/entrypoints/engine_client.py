@@ -34,25 +34,41 @@ _REAP_TIMEOUT_S = 5.0  # after its pipe closed, how long an exiting engine proce
 
 
 class ThreadEngineClient:
-    """The engine loop on a daemon thread of this process; `engine` is reachable (tests wrap its `step`)."""
+    """The engine loop on a daemon thread of this process; `engine` is reachable (tests wrap its `step`).
+
+    The thread builds the engine as well as stepping it: on the CPU, stepping from another thread than
+    the one that loaded the model ran decode steps about 1.5x slower (`benchmarks/RESULTS.md`, 2026-12-07).
+    """
 
     pid: int | None = None
 
     def __init__(self, config: EngineConfig, *, show_progress: bool, on_batch: OnBatch, on_lost: OnLost):
-        self.engine = EngineCore(config, show_progress=show_progress)
+        self._inbox: queue.Queue[Command] = queue.Queue()
+        self._on_lost = on_lost
+        self._stopped = False
+        self._built = threading.Event()
+        self._build_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(config, show_progress, on_batch), name="gllm-engine",
+                                        daemon=True)
+        self._thread.start()
+        self._built.wait()
+        if self._build_error is not None:
+            raise self._build_error
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_seq_len
         self.stats = self.engine.stats()
-        self._inbox: queue.Queue[Command] = queue.Queue()
-        self._loop = EngineLoop(self.engine, self._inbox, on_batch)
-        self._on_lost = on_lost
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="gllm-engine", daemon=True)
-        self._thread.start()
 
-    def _run(self) -> None:
+    def _run(self, config: EngineConfig, show_progress: bool, on_batch: OnBatch) -> None:
         try:
-            self._loop.run()
+            self.engine = EngineCore(config, show_progress=show_progress)
+            loop = EngineLoop(self.engine, self._inbox, on_batch)
+        except BaseException as e:
+            self._build_error = e
+            return
+        finally:
+            self._built.set()
+        try:
+            loop.run()
         except BaseException as e:
             logger.exception("the engine thread failed")
             self._on_lost(f"the engine thread failed: {e}")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
 
-from gllm_engine.entrypoints.async_llm import EngineStepError, EngineUnavailableError, QueueFullError
+from gllm_engine.core.engine_core import EngineCore
+from gllm_engine.entrypoints.async_llm import AsyncLLM, EngineStepError, EngineUnavailableError, QueueFullError
 from gllm_engine.executor.comm import RankDiedError
+from gllm_engine.loader import ModelLoadError
 from gllm_engine.sampling_params import SamplingParams
 from tests.server.conftest import StepGate, slow_down_steps
 
@@ -155,3 +158,33 @@ def test_shutdown_lets_requests_finish_then_aborts_the_rest(make_llm):
     assert short[-1].outputs[0].finish_reason == "length"
     assert endless[-1].outputs[0].finish_reason == "abort"
     assert all_blocks_free(llm)
+
+
+def test_the_engine_thread_builds_the_engine_it_steps(make_llm, monkeypatch):
+    """On the CPU, stepping from another thread than the one that loaded the model is slower: one thread does both."""
+    built_on, stepped_on = [], []
+    init, step = EngineCore.__init__, EngineCore.step
+
+    def recording_init(self, *args, **kwargs):
+        built_on.append(threading.get_ident())
+        init(self, *args, **kwargs)
+
+    def recording_step(self):
+        stepped_on.append(threading.get_ident())
+        return step(self)
+
+    monkeypatch.setattr(EngineCore, "__init__", recording_init)
+    monkeypatch.setattr(EngineCore, "step", recording_step)
+    llm = make_llm(engine_process=False)
+    asyncio.run(collect(llm, [1, 2, 3], "a"))
+    assert len(built_on) == 1 and built_on[0] != threading.get_ident()
+    assert stepped_on and set(stepped_on) == set(built_on)
+
+
+def test_an_engine_that_fails_to_build_raises_from_the_constructor(tiny_config, monkeypatch):
+    def failing_init(self, *args, **kwargs):
+        raise ModelLoadError("no weights here")
+
+    monkeypatch.setattr(EngineCore, "__init__", failing_init)
+    with pytest.raises(ModelLoadError, match="no weights here"):
+        AsyncLLM(tiny_config, show_progress=False, engine_process=False)
