@@ -37,7 +37,7 @@ class ThreadEngineClient:
     """The engine loop on a daemon thread of this process; `engine` is reachable (tests wrap its `step`).
 
     The thread builds the engine as well as stepping it: on the CPU, stepping from another thread than
-    the one that loaded the model ran decode steps about 1.5x slower (`benchmarks/RESULTS.md`, 2026-12-07).
+    the one that loaded the model ran decode steps 1.3-1.6x slower (`benchmarks/RESULTS.md`, 2026-12-07).
     """
 
     pid: int | None = None
