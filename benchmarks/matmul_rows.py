@@ -12,7 +12,8 @@ from --bandwidth and --tflops, else are measured as `single_gpu.py` measures the
 `timing.bench_us` (median; the L2 cache emptied by a read before each call, so the weight streams from
 memory as in a decode step).
 
-`--blas` sets torch's preferred BLAS library; `tunable` turns on PyTorch's TunableOp, which times the
+`--blas` sets torch's preferred BLAS library (`default` is torch's; the engine asks for `cublaslt`, see
+`gllm_engine/executor/worker.py`); `tunable` turns on PyTorch's TunableOp, which times the
 library's candidate algorithms for each shape on its first call and keeps the fastest; both need CUDA.
 On the CPU (`--device cpu`) the table comes from wall-clock loops: a smoke run, not a measurement.
 """

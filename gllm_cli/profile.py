@@ -78,17 +78,27 @@ def phase_table(averages: Any, wall_s: float, on_gpu: bool) -> Table:
     return table
 
 
+def _is_range(event: Any) -> bool:
+    """Phase ranges appear as user annotations, on the GPU's timeline too: they are not operators or kernels."""
+    return event.is_user_annotation or event.key in PHASES
+
+
+def gpu_events(averages: Any) -> list[Any]:
+    """The profiled GPU kernels and copies (no phase ranges)."""
+    from torch.autograd import DeviceType
+
+    return [e for e in averages if e.device_type == DeviceType.CUDA and not _is_range(e)]
+
+
 def top_table(averages: Any, top: int, kernels: bool) -> Table:
     """The `top` operators by self CPU time, or (kernels=True) the `top` GPU kernels by self CUDA time."""
     from torch.autograd import DeviceType
 
-    # Phase ranges appear as user annotations, on the GPU's timeline too: they are not operators or kernels.
-    events = [e for e in averages if not e.is_user_annotation and e.key not in PHASES]
     if kernels:
-        events = [e for e in events if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+        events = [e for e in gpu_events(averages) if e.self_device_time_total > 0]
         key, title = (lambda e: e.self_device_time_total), f"Top {top} CUDA kernels by total time"
     else:
-        events = [e for e in events if e.device_type == DeviceType.CPU]
+        events = [e for e in averages if e.device_type == DeviceType.CPU and not _is_range(e)]
         key, title = (lambda e: e.self_cpu_time_total), f"Top {top} operators by self CPU time"
     total = sum(key(e) for e in events) or 1.0
     table = Table(title=title)
@@ -106,15 +116,12 @@ def kernel_kind(name: str) -> str:
 
 def kind_table(averages: Any, wall_s: float) -> Table:
     """GPU time by kind of kernel beside the wall clock, and the time the GPU ran nothing."""
-    from torch.autograd import DeviceType
-
     calls: dict[str, int] = {}
     totals: dict[str, float] = {}
-    for e in averages:
-        if e.device_type == DeviceType.CUDA and not e.is_user_annotation and e.key not in PHASES:
-            kind = kernel_kind(e.key)
-            calls[kind] = calls.get(kind, 0) + e.count
-            totals[kind] = totals.get(kind, 0.0) + e.self_device_time_total
+    for e in gpu_events(averages):
+        kind = kernel_kind(e.key)
+        calls[kind] = calls.get(kind, 0) + e.count
+        totals[kind] = totals.get(kind, 0.0) + e.self_device_time_total
     busy_us = sum(totals.values())
     table = Table(title="GPU time by kind of kernel",
                   caption="kernels launched early (programmatic dependent launch) can overlap the one before: "
@@ -129,11 +136,9 @@ def kind_table(averages: Any, wall_s: float) -> Table:
 
 
 def gpu_busy_s(averages: Any) -> float:
-    """Seconds the GPU spent running kernels and copies (one stream: they never overlap)."""
-    from torch.autograd import DeviceType
-
-    return sum(e.self_device_time_total for e in averages
-               if e.device_type == DeviceType.CUDA and not e.is_user_annotation and e.key not in PHASES) / 1e6
+    """Seconds the GPU spent running kernels and copies, summed: kernels launched early (programmatic
+    dependent launch) overlap the one before, so this can exceed the wall clock."""
+    return sum(e.self_device_time_total for e in gpu_events(averages)) / 1e6
 
 
 def graph_replays(averages: Any) -> int:
