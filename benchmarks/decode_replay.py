@@ -32,6 +32,8 @@ from offline_throughput import workload_requests  # noqa: E402
 from schedule_roofline import BUCKETS, workload  # noqa: E402
 from timing import bench_us  # noqa: E402
 
+from gllm_engine.config import SCHEDULING_POLICIES  # noqa: E402
+
 GRAPH_CALLS = 10
 
 
@@ -53,7 +55,8 @@ def record(args: argparse.Namespace) -> None:
         config = EngineConfig.create(model_dir, load_format="dummy", dtype="float32", device="cpu",
                                      max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                                      max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                                     num_gpu_blocks_override=args.num_blocks, skip_tokenizer_init=True)
+                                     num_gpu_blocks_override=args.num_blocks, skip_tokenizer_init=True,
+                                     scheduling_policy=args.scheduling_policy)
         core = EngineCore(config, show_progress=False)
         for i, r in enumerate(requests):
             core.add_request(str(i), r.prompt_token_ids,
@@ -70,7 +73,8 @@ def record(args: argparse.Namespace) -> None:
         core.scheduler.schedule = recording_schedule
         while core.has_unfinished_requests():
             core.step()
-    settings = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks")}
+    settings = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks",
+                                              "scheduling_policy")}
     Path(args.out).write_text(json.dumps({"settings": settings, **workload(requests), "steps": steps}))
     decode_steps = decode_contexts(steps)
     tokens = sum(map(sum, decode_steps))
@@ -175,6 +179,7 @@ def main() -> None:
     rec.add_argument("--block-size", type=int, default=16)
     rec.add_argument("--num-blocks", type=int, default=80000, help="KV blocks (enough that nothing is preempted)")
     rec.add_argument("--max-model-len", type=int, default=8192)
+    rec.add_argument("--scheduling-policy", default="fcfs", choices=SCHEDULING_POLICIES)
     rec.add_argument("--out", required=True)
     rep = commands.add_parser("replay", help="time decode attention over the recorded steps on a GPU")
     rep.add_argument("schedule", help="the file `record` wrote")

@@ -92,6 +92,7 @@ def add_gllm_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--enforce-eager", action="store_true", help="gLLM: no CUDA graphs")
     ap.add_argument("--no-async-scheduling", action="store_true", help="gLLM: plan a step after the last's tokens")
     ap.add_argument("--kv-cache-dtype", default="auto", help="gLLM: auto (the model dtype), fp8 or int8")
+    ap.add_argument("--scheduling-policy", default="fcfs", help="gLLM: fcfs or longest_first")
 
 
 def dummy_gllm(args: argparse.Namespace, config_dir: str) -> Any:
@@ -101,7 +102,7 @@ def dummy_gllm(args: argparse.Namespace, config_dir: str) -> Any:
     return LLM(config_dir, load_format="dummy", dtype=args.dtype, device=args.device, skip_tokenizer_init=True,
                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                enforce_eager=args.enforce_eager, async_scheduling=not args.no_async_scheduling,
-               kv_cache_dtype=args.kv_cache_dtype, show_progress=False)
+               kv_cache_dtype=args.kv_cache_dtype, scheduling_policy=args.scheduling_policy, show_progress=False)
 
 
 def timed_gllm(llm: Any, requests: list[BenchRequest], device: str, use_tqdm: bool = False) -> Row:

@@ -168,7 +168,8 @@ def print_report(report: dict[str, Any]) -> None:
     roof = {name: flops / (2 * report["params"][name]) if flops else None for name in ("large", "small")}
     bound_b1 = bandwidth / report["weight_bytes"] if bandwidth else None
     table = Table(title=f"Single-GPU workloads ({report['device']}, {report['dtype']}, gLLM's KV cache "
-                        f"{report.get('kv_cache_dtype', 'auto')}, dummy weights)")
+                        f"{report.get('kv_cache_dtype', 'auto')}, {report.get('scheduling_policy', 'fcfs')} "
+                        "admission, dummy weights)")
     for col in ("workload", "engine", "req/s", "output tok/s", "total tok/s", "vs transformers", "% of roofline"):
         table.add_column(col, justify="left" if col in ("workload", "engine") else "right")
 
@@ -264,6 +265,10 @@ def main() -> None:
                 if args.sharegpt_schedule and "large" in args.models else None)
     if recorded:
         check_workload(recorded, sharegpt, "--sharegpt-schedule")
+        recorded_policy = recorded["settings"].get("scheduling_policy", "fcfs")
+        if recorded_policy != args.scheduling_policy:
+            sys.exit(f"--sharegpt-schedule was recorded with --scheduling-policy {recorded_policy}; "
+                     f"this run has {args.scheduling_policy}")
     small_vocab = json.loads((Path(args.small_config) / "config.json").read_text())["vocab_size"]
     uniform = uniform_requests(args.uniform_requests, *args.uniform_range, vocab_size=small_vocab, seed=args.seed)
     if args.max_output_len:
@@ -272,6 +277,7 @@ def main() -> None:
     params = {"large": model_params(args.config), "small": model_params(args.small_config)}
     itemsize = 4 if args.dtype == "float32" else 2
     report: dict[str, Any] = dict(device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+                                  scheduling_policy=args.scheduling_policy,
                                   also_kv_cache_dtypes=args.also_kv_cache_dtype, config=args.config,
                                   small_config=args.small_config, params=params,
                                   weight_bytes=params["large"] * itemsize, batch1_shape=args.batch1)

@@ -80,6 +80,10 @@ ENGINE_OPTIONS: dict[str, tuple[Any, Any, str]] = {
                              1, "expert_parallel_size"),
     "pp_layer_split": (Annotated[str | None, typer.Option(help="Layers per stage, e.g. 10,12,10.",
                                                           rich_help_panel=PARALLEL)], None, "pp_layer_split"),
+    "scheduling_policy": (Annotated[str, typer.Option(
+        help="fcfs, or longest_first: most max_tokens first, admissions spread over the longest request's "
+             "steps (offline batches whose max_tokens bound the outputs).", rich_help_panel=PANEL)],
+        "fcfs", "scheduling_policy"),
     "schedule_method": (Annotated[str, typer.Option(help="auto, chunked_prefill or token_throttling.",
                                                     rich_help_panel=PARALLEL)], "auto", "schedule_method"),
     "nnodes": (Annotated[int, typer.Option(help="Machines in a multi-node run.", rich_help_panel=PARALLEL)], 1,

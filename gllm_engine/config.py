@@ -92,6 +92,11 @@ class ThrottleConfig:
 
 
 SCHEDULE_METHODS = ("auto", "chunked_prefill", "token_throttling")
+SCHEDULING_POLICIES = ("fcfs", "longest_first")  # admission order: see core.waiting_queue
+# longest_first holds no admission back while fewer than this many sequences run: about the decode batch
+# whose matmuls take as long as streaming the weights (~230 rows for bf16 on an H100), so running that
+# many costs a step little more than running one.
+LONGEST_FIRST_MIN_RUNNING = 256
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,9 @@ class SchedulerConfig:
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
     # On one rank, plan and launch the next step while the device runs this one.
     async_scheduling: bool = True
+    # "fcfs" or "longest_first" (most max_tokens first, admissions leveled over the longest one's steps).
+    scheduling_policy: str = "fcfs"
+    longest_first_min_running: int = LONGEST_FIRST_MIN_RUNNING
 
 
 @dataclass(frozen=True)
@@ -178,6 +186,8 @@ class EngineConfig:
         expert_parallel_size: int = 1,
         pp_layer_split: list[int] | None = None,
         schedule_method: str = "auto",
+        scheduling_policy: str = "fcfs",
+        longest_first_min_running: int = LONGEST_FIRST_MIN_RUNNING,
         throttle: ThrottleConfig | None = None,
         async_scheduling: bool = True,
         nnodes: int = 1,
@@ -199,6 +209,7 @@ class EngineConfig:
             max_num_seqs = GPU_MAX_NUM_SEQS if torch_device.type == "cuda" else DEFAULT_MAX_NUM_SEQS
         for name, value in (("block_size", DEFAULT_BLOCK_SIZE if block_size is None else block_size),
                             ("max_num_seqs", max_num_seqs),
+                            ("longest_first_min_running", longest_first_min_running),
                             ("tensor_parallel_size", tensor_parallel_size),
                             ("pipeline_parallel_size", pipeline_parallel_size),
                             ("expert_parallel_size", expert_parallel_size)):
@@ -212,6 +223,9 @@ class EngineConfig:
             raise ConfigError(f"cpu_kv_cache_gib must be > 0, got {cpu_kv_cache_gib}")
         if schedule_method not in SCHEDULE_METHODS:
             raise ConfigError(f"schedule_method must be one of {', '.join(SCHEDULE_METHODS)}, got {schedule_method!r}")
+        if scheduling_policy not in SCHEDULING_POLICIES:
+            raise ConfigError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+                              f"got {scheduling_policy!r}")
         if schedule_method == "auto":
             schedule_method = "token_throttling" if pipeline_parallel_size > 1 else "chunked_prefill"
         world = tensor_parallel_size * pipeline_parallel_size
@@ -262,7 +276,8 @@ class EngineConfig:
                                       max_model_len=max_model_len,
                                       enable_chunked_prefill=enable_chunked_prefill,
                                       schedule_method=schedule_method, throttle=throttle or ThrottleConfig(),
-                                      async_scheduling=async_scheduling),
+                                      async_scheduling=async_scheduling, scheduling_policy=scheduling_policy,
+                                      longest_first_min_running=longest_first_min_running),
             parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size,
                                     tuple(pp_layer_split) if pp_layer_split else None,
                                     nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,

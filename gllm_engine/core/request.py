@@ -70,6 +70,13 @@ class Sequence(PromptThenOutput):
         return ((limit is not None and self.num_output_tokens + num_pending >= limit)
                 or self.num_tokens + num_pending >= max_len)
 
+    def output_tokens_left(self, max_len: int) -> int:
+        """Tokens it may still generate: up to its max_tokens and `max_len` in all, less those known or pending."""
+        limit = max_len - self.num_prompt_tokens
+        if self.params.max_tokens is not None:
+            limit = min(limit, self.params.max_tokens)
+        return max(0, limit - self.num_output_tokens - self.num_pending)
+
 
 @dataclass(eq=False)
 class Request:

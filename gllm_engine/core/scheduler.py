@@ -2,20 +2,21 @@
 
 There is no prefill or decode phase: every sequence has tokens computed and tokens known, and one
 token budget per step covers decodes (first), unfinished prefill chunks, then new sequences; the
-policy (`core.throttling`) decides how many of each a batch takes.
+policy (`core.throttling`) decides how many of each a batch takes, and the waiting queue
+(`core.waiting_queue`) in which order new sequences come and how many may run.
 When blocks run out, the most recently admitted running sequence is preempted: its blocks are
 freed and it waits, first in line, to be recomputed.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from gllm_engine.config import SchedulerConfig
 from gllm_engine.core.kv_cache import KVCacheManager
 from gllm_engine.core.request import SeqStatus, Sequence
 from gllm_engine.core.throttling import CacheState, ChunkedPrefillPolicy, TokenThrottlePolicy
+from gllm_engine.core.waiting_queue import WaitingQueue
 
 
 @dataclass
@@ -70,10 +71,10 @@ class Scheduler:
         self.kv_cache = kv_cache
         self.policy = policy or ChunkedPrefillPolicy()
         self.decode_pending = decode_pending
-        self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         # A sequence must fit in the whole cache, or preempting everything else would not let it grow.
         self.max_seq_len = min(config.max_model_len, kv_cache.pool.num_blocks * kv_cache.block_size)
+        self.waiting = WaitingQueue(config, self.max_seq_len)
         self.num_preemptions = 0
 
     @property
@@ -82,7 +83,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
-        self.waiting.append(seq)
+        self.waiting.add(seq)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -120,8 +121,13 @@ class Scheduler:
             if self._grow(seq, num_new, out):
                 prefill_budget -= num_new
 
-        # Waiting sequences, first come first served, while budget, rows and blocks last.
-        while (self.waiting and prefill_budget > 0 and len(self.running) < self.config.max_num_seqs
+        # Waiting sequences, in the queue's order, while budget, rows and blocks last.
+        max_running = self.config.max_num_seqs
+        if self.waiting and prefill_budget > 0:
+            level = self.waiting.max_running(self.running)
+            if level is not None:
+                max_running = min(max_running, level)
+        while (self.waiting and prefill_budget > 0 and len(self.running) < max_running
                and not out.preempted):
             seq = self.waiting[0]
             if seq.num_pending:  # preempted while its last step runs: wait for that step's token
@@ -174,12 +180,7 @@ class Scheduler:
 
     def _cache_state(self) -> CacheState:
         max_len = self.config.max_model_len
-        remaining_out = 0
-        for s in self.running:
-            limit = max_len - s.num_prompt_tokens
-            if s.params.max_tokens is not None:
-                limit = min(limit, s.params.max_tokens)
-            remaining_out += max(0, limit - s.num_output_tokens - s.num_pending)
+        remaining_out = sum(s.output_tokens_left(max_len) for s in self.running)
         waiting_tokens = sum(s.num_tokens - s.num_computed_tokens for s in self.waiting)
         waiting_tokens += sum(s.num_tokens - s.num_computed_tokens for s in self.running
                               if not s.num_pending and s.num_tokens - s.num_computed_tokens > 1)
@@ -204,7 +205,7 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING
-        self.waiting.appendleft(seq)
+        self.waiting.requeue(seq)
         self.num_preemptions += 1
         if out is not None:
             out.preempted.append(seq)

@@ -70,6 +70,7 @@ def test_help_lists_every_flag_in_its_panel(command):
     (["chat", "--tp", "0"], "error: --tensor-parallel-size must be an integer >= 1, got 0"),
     (["serve", "--load-format", "pickle"], "error: --load-format must be one of"),
     (["chat", "--kv-cache-dtype", "int4"], "error: --kv-cache-dtype must be one of auto, fp8, fp8_e4m3, int8"),
+    (["serve", "--scheduling-policy", "lifo"], "error: --scheduling-policy must be one of fcfs, longest_first"),
 ])
 def test_bad_values_stop_with_one_line_naming_the_flag(args, line, capsys):
     with pytest.raises(SystemExit) as exit_:

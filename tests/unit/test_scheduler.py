@@ -13,14 +13,30 @@ from tests.helpers import run_scheduled_step
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
-                   max_num_batched_tokens: int = 64, chunked: bool = True) -> Scheduler:
+                   max_num_batched_tokens: int = 64, chunked: bool = True, policy: str = "fcfs",
+                   min_running: int = 1) -> Scheduler:
     cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                          max_model_len=1024, enable_chunked_prefill=chunked)
+                          max_model_len=1024, enable_chunked_prefill=chunked, scheduling_policy=policy,
+                          longest_first_min_running=min_running)
     return Scheduler(cfg, KVCacheManager(num_blocks, block_size))
 
 
-def make_seq(prompt_len: int, rid: str = "r"):
-    return Request.create(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=100)).seqs[0]
+def make_seq(prompt_len: int, rid: str = "r", max_tokens: int = 100):
+    return Request.create(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens)).seqs[0]
+
+
+def run_to_completion(sched: Scheduler) -> list[tuple[int, list[str]]]:
+    """Step until every sequence reaches its max_tokens; per step, how many ran and which were admitted."""
+    steps, seen = [], set()
+    while sched.num_unfinished:
+        plan = run_scheduled_step(sched)
+        new = [s.seq.request_id for s in plan.scheduled if s.seq.request_id not in seen]
+        seen.update(new)
+        steps.append((len(plan.scheduled), new))
+        for seq in list(sched.running):
+            if seq.at_length_limit(sched.max_seq_len):
+                sched.finish(seq, "length")
+    return steps
 
 
 
@@ -182,3 +198,43 @@ def test_rolling_back_steps_in_flight_unnames_their_blocks_and_drops_pending_tok
     assert not pool.cached and pool.num_free == pool.num_blocks
     assert [s.num_pending for s in (seq, other)] == [0, 0] and list(sched.waiting) == [other, seq]
     pool.check_integrity()
+
+
+def test_longest_first_orders_by_max_tokens_and_keeps_preempted_sequences_first():
+    sched = make_scheduler(policy="longest_first")
+    seqs = {rid: make_seq(4, rid, n) for rid, n in (("a", 5), ("b", 20), ("c", 5), ("d", 50), ("e", 20))}
+    for seq in seqs.values():
+        sched.add(seq)
+    assert [s.request_id for s in sched.waiting] == ["d", "b", "e", "a", "c"]  # ties in arrival order
+    sched.waiting.remove(seqs["b"])
+    assert seqs["b"] not in sched.waiting and len(sched.waiting) == 4
+    sched.add(seqs["b"])
+    assert [s.request_id for s in sched.waiting] == ["d", "e", "b", "a", "c"]
+    late = make_seq(4, "late", 10)
+    late.num_preemptions = 1
+    sched.waiting.requeue(late)
+    sched.add(make_seq(4, "f", 99))
+    assert [s.request_id for s in sched.waiting] == ["late", "f", "d", "e", "b", "a", "c"]
+
+
+def test_longest_first_spreads_admissions_over_the_longest_sequence_and_still_ends_with_it():
+    lengths = {"long": 12, "m1": 6, "m2": 6, "s1": 3, "s2": 3, "s3": 3}  # 33 tokens over 12 steps: 3 at a time
+    level = make_scheduler(policy="longest_first", min_running=1)
+    fcfs = make_scheduler()
+    for sched in (level, fcfs):
+        for rid, n in lengths.items():
+            sched.add(make_seq(2, rid, n))
+    leveled, at_once = run_to_completion(level), run_to_completion(fcfs)
+    assert at_once[0] == (6, list(lengths))
+    assert leveled[0] == (3, ["long", "m1", "m2"])
+    assert max(n for n, _ in leveled) == 3  # never more than the level
+    assert len(leveled) == len(at_once) == 12  # the longest sequence still starts at once and sets the end
+    assert level.kv_cache.num_free_blocks == level.kv_cache.pool.num_blocks
+
+
+def test_longest_first_admits_up_to_its_minimum_without_holding_back():
+    sched = make_scheduler(policy="longest_first", min_running=4)
+    for rid, n in (("long", 40), ("a", 2), ("b", 2), ("c", 2), ("d", 2)):
+        sched.add(make_seq(2, rid, n))
+    plan = run_scheduled_step(sched)
+    assert [s.seq.request_id for s in plan.scheduled] == ["long", "a", "b", "c"]
