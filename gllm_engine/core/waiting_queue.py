@@ -4,9 +4,12 @@
 batches whose max_tokens bound the outputs (as in throughput benchmarks): it admits the sequences with
 the most tokens left to generate first, and only as many as it takes to finish all the work by the time
 the longest one ends. Admitting everything at once instead runs a few hundred compute-bound steps of
-~1,000 decodes, then a tail of steps too small to do more than stream the weights; leveled, the same
-tokens fill those tail steps for nearly nothing (ShareGPT 1,000 on an H100: see benchmarks/RESULTS.md).
-Sequences that were preempted go back to the front under either order, to be recomputed first.
+~1,000 decodes, then a tail of steps so small that they cost little more than streaming the weights;
+leveled, the same tokens fill that tail, where more rows cost little (ShareGPT on an H100:
+benchmarks/RESULTS.md).
+Under a steady stream of arrivals `longest_first` can keep a short sequence waiting behind later,
+longer ones, which is why it is not the default. Sequences that were preempted go back to the front
+under either order, to be recomputed first.
 """
 
 from __future__ import annotations

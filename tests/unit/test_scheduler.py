@@ -238,3 +238,18 @@ def test_longest_first_admits_up_to_its_minimum_without_holding_back():
         sched.add(make_seq(2, rid, n))
     plan = run_scheduled_step(sched)
     assert [s.seq.request_id for s in plan.scheduled] == ["long", "a", "b", "c"]
+
+
+def test_longest_first_levels_over_the_most_any_sequence_has_left_preempted_ones_included():
+    sched = make_scheduler(policy="longest_first", min_running=1)
+    back = make_seq(4, "back", 50)
+    back.num_preemptions = 1
+    sched.waiting.requeue(back)
+    for rid in ("a", "b"):
+        sched.add(make_seq(4, rid, 10))
+    assert sched.waiting.max_running([]) == 2  # 70 tokens left over the 50 of the longest
+    running = make_seq(4, "run", 200)
+    assert sched.waiting.max_running([running]) == 2  # 270 over 200
+    fcfs = make_scheduler()
+    fcfs.add(make_seq(4, "x", 10))
+    assert fcfs.waiting.max_running([running]) is None  # fcfs: max_num_seqs only
