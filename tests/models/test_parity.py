@@ -103,12 +103,16 @@ def test_batching_chunking_and_preemption_do_not_change_greedy_outputs(tiny):
     assert tight.engine.stats().num_preemptions > 0
     # Longest first, admissions leveled: sequences start in another order and later; each output is the
     # prefix of its 32-token one.
-    leveled = engine(path, scheduling_policy="longest_first", longest_first_min_running=2)
     lengths = [4 + 3 * i for i in range(len(ps))]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
-    assert [o.outputs[0].token_ids for o in leveled.generate(token_prompts(ps), params)] == \
-        [out[:n] for out, n in zip(outs, lengths)]
-    for llm in (batched, chunked, tight, leveled):
+    leveled = engine(path, scheduling_policy="longest_first", longest_first_min_running=2)
+    leveled_tight = engine(path, scheduling_policy="longest_first", longest_first_min_running=2, block_size=4,
+                           num_gpu_blocks_override=20)
+    for llm in (leveled, leveled_tight):
+        assert [o.outputs[0].token_ids for o in llm.generate(token_prompts(ps), params)] == \
+            [out[:n] for out, n in zip(outs, lengths)]
+    assert leveled_tight.engine.stats().num_preemptions > 0
+    for llm in (batched, chunked, tight, leveled, leveled_tight):
         assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.pool.num_blocks
         llm.engine.kv_cache.pool.check_integrity()
 
