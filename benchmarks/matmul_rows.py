@@ -21,6 +21,7 @@ On the CPU (`--device cpu`) the table comes from wall-clock loops: a smoke run, 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -74,6 +75,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--bandwidth", type=float, help="copy bandwidth, TB/s (default: measured)")
     ap.add_argument("--tflops", type=float, help="matmul rate, TFLOP/s (default: measured)")
+    ap.add_argument("--output-json", help="save the times per call (for `schedule_roofline.py --matmul-costs`)")
     args = ap.parse_args()
     cuda = args.device != "cpu" and torch.cuda.is_available()
     args.device = "cuda" if cuda else "cpu"
@@ -93,12 +95,16 @@ def main() -> None:
         table.add_column(f"M = {rows}", justify="right")
     layer = [[0.0, 0.0] for _ in args.rows]  # µs, bound µs
     gen = torch.Generator(device=device).manual_seed(0)
-    for proj, (out_features, in_features) in projection_shapes(args.config).items():
+    shapes = projection_shapes(args.config)
+    times: dict[str, list[float]] = {}
+    for proj, (out_features, in_features) in shapes.items():
         weight = torch.randn(out_features, in_features, generator=gen, device=device, dtype=dtype)
         cells = []
+        times[proj] = []
         for i, rows in enumerate(args.rows):
             x = torch.randn(rows, in_features, generator=gen, device=device, dtype=dtype)
             us = bench_us(lambda x=x, w=weight: F.linear(x, w), device)
+            times[proj].append(us)
             bound = matmul_bound(rows, out_features, in_features, bandwidth * 1e12, flops * 1e12, element_bytes) * 1e6
             cells.append(f"{us:,.1f} ({bound / us:.0%})")
             if proj != "lm_head":
@@ -107,6 +113,10 @@ def main() -> None:
         table.add_row(f"{proj} ({out_features} x {in_features})", *cells)
     table.add_row("layer (qkv + o + gate_up + down)", *(f"{us:,.1f} ({bound / us:.0%})" for us, bound in layer))
     Console(width=None if sys.stdout.isatty() else 200).print(table)
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(dict(device=name, blas=args.blas, dtype=args.dtype,
+                                                          config=args.config, rows=args.rows, shapes=shapes,
+                                                          us=times), indent=1))
 
 
 if __name__ == "__main__":

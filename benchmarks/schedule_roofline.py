@@ -13,9 +13,17 @@ its two phases, which run one after the other:
 Elementwise kernels, sampling and the host are left out, so a real run can only be slower. Ceilings
 are the measured ones that `single_gpu.py` prints (a device-to-device copy, a bf16 8192^3 matmul).
 
+With `--matmul-costs` (what `matmul_rows.py --output-json` measured on that GPU) an estimate joins the
+bound: not a limit but a model of the engine's kernels, to weigh schedules without a GPU. Each step
+costs its projections at the measured time per call for its rows (interpolated; beyond the largest
+row count measured, the larger of that time and the FLOPs at the matmul rate), the LM head for its
+sampling rows, attention as in the bound but with KV read at `--attention-tb-s`, the elementwise
+kernels' traffic (two RMSNorms with the residual, SiLU-and-mul, rotary and the KV-cache store) at the
+copy bandwidth, and `--step-overhead-ms` for what does not scale with the batch.
+
     python benchmarks/decode_replay.py record --requests-file .gpu/sharegpt1000.json --out schedule.json
     python benchmarks/schedule_roofline.py schedule.json --config benchmarks/configs/llama3-8b \\
-        --bandwidth 3.05 --tflops 693 --measured-tok-s 24000
+        --bandwidth 3.05 --tflops 693 --measured-tok-s 24000 [--matmul-costs matmul_rows.json]
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -70,12 +79,13 @@ class DenseShapes:
 
 @dataclass
 class Bound:
-    """Seconds and tokens of a group of steps."""
+    """Seconds and tokens of a group of steps (and, with measured costs, their estimate)."""
 
     steps: int = 0
     tokens: int = 0
     linear_s: float = 0.0
     attention_s: float = 0.0
+    estimate_s: float = 0.0
 
     @property
     def seconds(self) -> float:
@@ -86,6 +96,7 @@ class Bound:
         self.tokens += other.tokens
         self.linear_s += other.linear_s
         self.attention_s += other.attention_s
+        self.estimate_s += other.estimate_s
 
 
 def step_bound(seqs: list[list[int]], shapes: DenseShapes, bandwidth: float, flops: float) -> Bound:
@@ -101,6 +112,52 @@ def step_bound(seqs: list[list[int]], shapes: DenseShapes, bandwidth: float, flo
     return Bound(1, tokens, linear, attention)
 
 
+@dataclass(frozen=True)
+class MeasuredCosts:
+    """Per-call matmul times on one GPU (`matmul_rows.py --output-json`) and the rates of the other kernels."""
+
+    rows: list[int]
+    matmul_us: dict[str, list[float]]  # qkv, o, gate_up, down, lm_head: µs per call at each of `rows`
+    shapes: dict[str, tuple[int, int]]  # (out, in) features of each
+    attention_bandwidth: float  # bytes/s decode attention reads the KV cache at
+    step_overhead_s: float
+
+    @classmethod
+    def load(cls, path: str, attention_bandwidth: float, step_overhead_s: float) -> MeasuredCosts:
+        saved = json.loads(Path(path).read_text())
+        order = np.argsort(saved["rows"])  # np.interp needs them increasing
+        return cls([saved["rows"][i] for i in order], {k: [v[i] for i in order] for k, v in saved["us"].items()},
+                   {k: tuple(v) for k, v in saved["shapes"].items()}, attention_bandwidth, step_overhead_s)
+
+    def matmul_s(self, name: str, rows: int, flops: float) -> float:
+        if rows <= 0:
+            return 0.0
+        us = self.matmul_us[name]
+        if rows <= self.rows[-1]:
+            return float(np.interp(rows, self.rows, us)) * 1e-6
+        out_features, in_features = self.shapes[name]
+        return max(us[-1] * 1e-6, 2 * rows * out_features * in_features / flops)
+
+    def elementwise_token_bytes(self, layers: int, activation_bytes: int = 2) -> float:
+        """Bytes a token moves through a layer's elementwise kernels, all layers: two RMSNorms with the
+        residual add (read x and residual, write both), SiLU-and-mul (read gate and up, write one), rotary
+        and the KV-cache store (read q, k and v, write them)."""
+        hidden = self.shapes["o"][0]
+        per_layer = 2 * 4 * hidden + 3 * self.shapes["gate_up"][0] // 2 + 2 * self.shapes["qkv"][0]
+        return layers * per_layer * activation_bytes
+
+
+def step_estimate(seqs: list[list[int]], shapes: DenseShapes, costs: MeasuredCosts, bandwidth: float,
+                  flops: float) -> float:
+    """Seconds the engine's kernels would take for one step (`seqs` as in `step_bound`), by `costs`."""
+    tokens = sum(n for _, n in seqs)
+    linear = shapes.layers * sum(costs.matmul_s(name, tokens, flops) for name in ("qkv", "o", "gate_up", "down"))
+    linear += costs.matmul_s("lm_head", len(seqs), flops)
+    attention = step_bound(seqs, shapes, costs.attention_bandwidth, flops).attention_s
+    elementwise = tokens * costs.elementwise_token_bytes(shapes.layers) / bandwidth
+    return linear + attention + elementwise + costs.step_overhead_s
+
+
 def decode_bucket(batch: int) -> str:
     """The name of a decode-only step's batch-size bucket, e.g. "decode 17-63"."""
     low, high = next(b for b in BUCKETS if b[0] <= batch <= b[1])
@@ -110,12 +167,16 @@ def decode_bucket(batch: int) -> str:
 DECODE_BUCKETS = tuple(decode_bucket(low) for low, _ in BUCKETS)
 
 
-def schedule_bound(steps: list[list], shapes: DenseShapes, bandwidth: float, flops: float) -> dict[str, Bound]:
-    """Bounds per kind of step ("decode LOW-HIGH" by batch size, "with prefill") and "all"."""
+def schedule_bound(steps: list[list], shapes: DenseShapes, bandwidth: float, flops: float,
+                   costs: MeasuredCosts | None = None) -> dict[str, Bound]:
+    """Bounds per kind of step ("decode LOW-HIGH" by batch size, "with prefill") and "all", with their
+    estimates where `costs` are given."""
     groups: dict[str, Bound] = {}
     total = Bound()
     for num_decodes, seqs in steps:
         bound = step_bound(seqs, shapes, bandwidth, flops)
+        if costs:
+            bound.estimate_s = step_estimate(seqs, shapes, costs, bandwidth, flops)
         kind = decode_bucket(len(seqs)) if num_decodes == len(seqs) else "with prefill"
         groups.setdefault(kind, Bound()).add(bound)
         total.add(bound)
@@ -155,28 +216,42 @@ def main() -> None:
     ap.add_argument("--tflops", type=float, required=True, help="bf16 matmul rate, TFLOP/s")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "int8"), help="auto: bfloat16")
     ap.add_argument("--measured-tok-s", type=float, help="a run's total tok/s, to say how near it is")
+    ap.add_argument("--matmul-costs", help="`matmul_rows.py --output-json` of the same GPU: add an estimate")
+    ap.add_argument("--attention-tb-s", type=float,
+                    help="with --matmul-costs: the KV read rate of decode attention, TB/s (default: 90%% of "
+                         "--bandwidth, what the bf16 kernel reached on an H100)")
+    ap.add_argument("--step-overhead-ms", type=float, default=0.45,
+                    help="with --matmul-costs: time a step takes beyond its kernels' bytes and FLOPs (default: "
+                         "what the H100's batch-1 decode showed)")
     args = ap.parse_args()
     recorded = json.loads(Path(args.schedule).read_text())
     steps = recorded["steps"]
     shapes = DenseShapes.from_config(args.config, args.kv_cache_dtype)
     bandwidth, flops = args.bandwidth * 1e12, args.tflops * 1e12
-    bounds = schedule_bound(steps, shapes, bandwidth, flops)
+    costs = (MeasuredCosts.load(args.matmul_costs, (args.attention_tb_s or 0.9 * args.bandwidth) * 1e12,
+                                args.step_overhead_ms * 1e-3) if args.matmul_costs else None)
+    bounds = schedule_bound(steps, shapes, bandwidth, flops, costs)
     total = bounds["all"]
     title = (f"Roofline of {recorded['requests']} requests' schedule ({len(steps)} steps; {Path(args.config).name}, "
              f"KV cache {args.kv_cache_dtype}; {args.bandwidth:g} TB/s, {args.tflops:g} TFLOP/s)")
     table = Table(title=title)
     table.add_column("steps")
-    for column in ("count", "tokens computed", "linear layers s", "attention s", "bound s", "share"):
+    columns = ["count", "tokens computed", "linear layers s", "attention s", "bound s", "share"]
+    for column in columns + (["estimate s"] if costs else []):
         table.add_column(column, justify="right")
     for name, b in bounds.items():
+        estimate = [f"{b.estimate_s:.2f}"] if costs else []
         table.add_row(name, f"{b.steps:,}", f"{b.tokens:,}", f"{b.linear_s:.2f}", f"{b.attention_s:.2f}",
-                      f"{b.seconds:.2f}", f"{b.seconds / total.seconds:.0%}")
+                      f"{b.seconds:.2f}", f"{b.seconds / total.seconds:.0%}", *estimate)
     console = Console()
     console.print(table)
     tokens = workload_tokens(recorded)
     compute_only = 2 * (shapes.body_params + shapes.head_params) * tokens / flops
     console.print(f"bound: {tokens / total.seconds:,.0f} total tok/s ({total.seconds:.2f} s); the compute "
                   f"roofline alone: {tokens / compute_only:,.0f} tok/s ({compute_only:.2f} s)")
+    if costs:
+        console.print(f"estimate from {args.matmul_costs}: {tokens / total.estimate_s:,.0f} total tok/s "
+                      f"({total.estimate_s:.2f} s)")
     if args.measured_tok_s:
         console.print(f"measured {args.measured_tok_s:,.0f} tok/s: "
                       f"{args.measured_tok_s / (tokens / total.seconds):.0%} of this bound")

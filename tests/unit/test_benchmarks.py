@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks.decode_replay import decode_contexts
 from benchmarks.matmul_rows import matmul_bound
-from benchmarks.schedule_roofline import DenseShapes, schedule_bound, step_bound
+from benchmarks.schedule_roofline import DenseShapes, MeasuredCosts, schedule_bound, step_bound, step_estimate
 from benchmarks.single_gpu import print_report
 from tests.helpers import make_tiny_model_dir, table_cells
 
@@ -191,6 +191,25 @@ def test_step_bound_takes_the_slower_of_bytes_and_flops_per_phase():
     assert chunk.attention_s == pytest.approx(4 * 2 * 4 * pairs / 10.0)
 
 
+def test_step_estimate_charges_measured_matmul_times_attention_elementwise_traffic_and_overhead():
+    shapes = DenseShapes(body_params=100, head_params=10, layers=2, q_width=4, kv_token_bytes=8, weight_bytes=2)
+    us = {name: [1.0, 4.0] for name in ("qkv", "o", "gate_up", "down")} | {"lm_head": [10.0, 40.0]}
+    features = {"qkv": (12, 8), "o": (8, 8), "gate_up": (32, 8), "down": (8, 16), "lm_head": (100, 8)}
+    costs = MeasuredCosts(rows=[1, 4], matmul_us=us, shapes=features, attention_bandwidth=10.0, step_overhead_s=0.5)
+    # per token and layer: norms 2 x 4 x 8, SiLU-and-mul 3 x 16, rotary and KV store 2 x 12 values of 2 bytes
+    assert costs.elementwise_token_bytes(layers=2) == 2 * 2 * (64 + 48 + 24)
+    # two decodes over 13 context tokens: 4 projections at 2 rows (2 µs each, interpolated) in 2 layers, the
+    # LM head at 2 rows, KV bytes at the attention rate, 2 tokens' elementwise bytes at the copy bandwidth
+    estimate = step_estimate([[8, 1], [3, 1]], shapes, costs, bandwidth=1e3, flops=1e9)
+    assert estimate == pytest.approx(2 * 4 * 2e-6 + 20e-6 + 13 * 8 / 10.0 + 2 * 544 / 1e3 + 0.5)
+    # beyond the rows measured: the larger of the last time and the FLOPs at the matmul rate
+    assert costs.matmul_s("qkv", 8, flops=1e3) == pytest.approx(2 * 8 * 12 * 8 / 1e3)
+    assert costs.matmul_s("qkv", 8, flops=1e12) == pytest.approx(4e-6)
+    # a schedule sums its steps' estimates; the next step reads 2 more context tokens
+    bounds = schedule_bound([[2, [[8, 1], [3, 1]]], [2, [[9, 1], [4, 1]]]], shapes, 1e3, 1e9, costs)
+    assert bounds["all"].estimate_s == pytest.approx(2 * estimate + 2 * 8 / 10.0)
+
+
 def test_schedule_roofline_bounds_every_recorded_step(tmp_path):
     model = make_tiny_model_dir("LlamaForCausalLM", tmp_path / "m", with_tokenizer=False)
     _, schedule = record_two_requests(tmp_path)
@@ -202,6 +221,22 @@ def test_schedule_roofline_bounds_every_recorded_step(tmp_path):
     assert rows["with prefill"][:2] == ["1", "42"] and rows["decode 1-16"][:2] == ["4", "5"]
     assert rows["all"][:2] == ["5", "47"] and rows["all"][-1] == "100%"
     assert "bound:" in res.stdout and "of this bound" in res.stdout
+
+    # with per-call times from matmul_rows.py (a CPU smoke run), every kind of step gets an estimate too
+    costs = tmp_path / "costs.json"
+    subprocess.run([sys.executable, "benchmarks/matmul_rows.py", "--config", str(model), "--device", "cpu", "--dtype",
+                    "float32", "--rows", "4", "1", "--bandwidth", "1", "--tflops", "1", "--output-json", str(costs)],
+                   check=True, timeout=600, capture_output=True)
+    saved = json.loads(costs.read_text())
+    assert saved["rows"] == [4, 1] and all(len(saved["us"][k]) == 2 for k in ("qkv", "o", "gate_up", "down", "lm_head"))
+    res = subprocess.run([sys.executable, "benchmarks/schedule_roofline.py", str(schedule), "--config", str(model),
+                          "--bandwidth", "1", "--tflops", "1", "--matmul-costs", str(costs), "--step-overhead-ms",
+                          "1000"], check=True, timeout=600, capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "200"})
+    estimates = {cells[0]: float(cells[-1]) for cells in map(table_cells, res.stdout.splitlines()) if len(cells) == 8}
+    # the kernels of a toy model take microseconds: the estimates are a second a step
+    assert estimates == {"with prefill": 1.0, "decode 1-16": 4.0, "all": 5.0}
+    assert f"estimate from {costs}" in res.stdout.replace("\n", "")
 
 
 def test_kv_cache_accuracy_compares_every_run_with_the_first():
