@@ -7,6 +7,7 @@ the longest one ends. Admitting everything at once instead runs a few hundred co
 ~1,000 decodes, then a tail of steps so small that they cost little more than streaming the weights;
 leveled, the same tokens fill that tail, where more rows cost little (ShareGPT on an H100:
 benchmarks/RESULTS.md).
+
 Under a steady stream of arrivals `longest_first` can keep a short sequence waiting behind later,
 longer ones, which is why it is not the default. Sequences that were preempted go back to the front
 under either order, to be recomputed first.
