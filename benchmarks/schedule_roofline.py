@@ -105,11 +105,15 @@ def step_bound(seqs: list[list[int]], shapes: DenseShapes, bandwidth: float, flo
     tokens = sum(n for _, n in seqs)
     linear = max((shapes.body_params + shapes.head_params) * shapes.weight_bytes / bandwidth,
                  2 * (shapes.body_params * tokens + shapes.head_params * len(seqs)) / flops)
+    return Bound(1, tokens, linear, attention_s(seqs, shapes, bandwidth, flops))
+
+
+def attention_s(seqs: list[list[int]], shapes: DenseShapes, bandwidth: float, flops: float) -> float:
+    """A step's attention at least: each sequence reads its context's K and V once per layer, or its FLOPs."""
     kv_bytes = sum(start + n for start, n in seqs) * shapes.kv_token_bytes
     # QK^T and PV: 2 x 2 FLOP per query width per (query, key) pair; causal within the new tokens
     pairs = sum(n * start + n * (n + 1) / 2 for start, n in seqs)
-    attention = max(kv_bytes / bandwidth, 4 * shapes.layers * shapes.q_width * pairs / flops)
-    return Bound(1, tokens, linear, attention)
+    return max(kv_bytes / bandwidth, 4 * shapes.layers * shapes.q_width * pairs / flops)
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,7 @@ def step_estimate(seqs: list[list[int]], shapes: DenseShapes, costs: MeasuredCos
     tokens = sum(n for _, n in seqs)
     linear = shapes.layers * sum(costs.matmul_s(name, tokens, flops) for name in ("qkv", "o", "gate_up", "down"))
     linear += costs.matmul_s("lm_head", len(seqs), flops)
-    attention = step_bound(seqs, shapes, costs.attention_bandwidth, flops).attention_s
+    attention = attention_s(seqs, shapes, costs.attention_bandwidth, flops)
     elementwise = tokens * costs.elementwise_token_bytes(shapes.layers) / bandwidth
     return linear + attention + elementwise + costs.step_overhead_s
 

@@ -63,19 +63,19 @@ class Sequence(PromptThenOutput):
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
 
+    def max_output_tokens(self, max_len: int) -> int:
+        """Output tokens it may have in all: its max_tokens, and no more than `max_len` tokens with the prompt."""
+        limit = max_len - self.num_prompt_tokens
+        max_tokens = self.params.max_tokens
+        return limit if max_tokens is None or max_tokens > limit else max_tokens
+
     def at_length_limit(self, max_len: int, num_pending: int = 0) -> bool:
-        """Whether the sequence has all the tokens it may have (its max_tokens, or `max_len` in all),
-        counting `num_pending` tokens still being sampled."""
-        limit = self.params.max_tokens
-        return ((limit is not None and self.num_output_tokens + num_pending >= limit)
-                or self.num_tokens + num_pending >= max_len)
+        """Whether the sequence has all the tokens it may have, counting `num_pending` tokens still being sampled."""
+        return self.num_output_tokens + num_pending >= self.max_output_tokens(max_len)
 
     def output_tokens_left(self, max_len: int) -> int:
-        """Tokens it may still generate: up to its max_tokens and `max_len` in all, less those known or pending."""
-        limit = max_len - self.num_prompt_tokens
-        if self.params.max_tokens is not None:
-            limit = min(limit, self.params.max_tokens)
-        return max(0, limit - self.num_output_tokens - self.num_pending)
+        """Tokens it may still generate, less those known or pending."""
+        return max(0, self.max_output_tokens(max_len) - self.num_output_tokens - self.num_pending)
 
 
 @dataclass(eq=False)

@@ -122,11 +122,7 @@ class Scheduler:
                 prefill_budget -= num_new
 
         # Waiting sequences, in the queue's order, while budget, rows and blocks last.
-        max_running = self.config.max_num_seqs
-        if self.waiting and prefill_budget > 0:
-            level = self.waiting.max_running(self.running)
-            if level is not None:
-                max_running = min(max_running, level)
+        max_running = self.waiting.max_running(self.running) if prefill_budget > 0 else 0
         while (self.waiting and prefill_budget > 0 and len(self.running) < max_running
                and not out.preempted):
             seq = self.waiting[0]

@@ -30,6 +30,7 @@ class WaitingQueue:
         if config.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"unknown scheduling policy {config.scheduling_policy!r}")
         self.longest_first = config.scheduling_policy == "longest_first"
+        self.max_num_seqs = config.max_num_seqs
         self.min_running = config.longest_first_min_running
         self.max_len = max_len
         self._queue: deque[Sequence] = deque()
@@ -73,14 +74,13 @@ class WaitingQueue:
         self._queue.remove(seq)
         self._left_total -= self._left.pop(seq.seq_id)
 
-    def max_running(self, running: list[Sequence]) -> int | None:
-        """How many sequences may run once this step admits; None: no limit but `max_num_seqs`.
-
-        Under `longest_first`: the tokens left to generate, running and waiting, over the most any one
-        sequence has left (the fewest steps that can finish them), and never fewer than `min_running`.
+    def max_running(self, running: list[Sequence]) -> int:
+        """How many sequences may run once this step admits: `max_num_seqs`, or under `longest_first` no
+        more than the tokens left to generate, running and waiting, over the most any one sequence has
+        left (the fewest steps that can finish them), and never fewer than `min_running`.
         """
         if not self.longest_first or not self._queue:
-            return None
+            return self.max_num_seqs
         total, longest = self._left_total, 0
         for seq in self._queue:  # preempted first, then new ones, most tokens left first
             longest = max(longest, self._left[seq.seq_id])
@@ -91,7 +91,7 @@ class WaitingQueue:
             left = seq.output_tokens_left(max_len)
             total += left
             longest = max(longest, left)
-        return max(self.min_running, -(-total // max(longest, 1)))
+        return min(self.max_num_seqs, max(self.min_running, -(-total // max(longest, 1))))
 
     def _track(self, seq: Sequence) -> int:
         left = seq.output_tokens_left(self.max_len)

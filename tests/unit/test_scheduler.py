@@ -252,4 +252,4 @@ def test_longest_first_levels_over_the_most_any_sequence_has_left_preempted_ones
     assert sched.waiting.max_running([running]) == 2  # 270 over 200
     fcfs = make_scheduler()
     fcfs.add(make_seq(4, "x", 10))
-    assert fcfs.waiting.max_running([running]) is None  # fcfs: max_num_seqs only
+    assert fcfs.waiting.max_running([running]) == 8  # fcfs: max_num_seqs
