@@ -6,6 +6,11 @@ padded token count. A step's inputs are packed on the host, padded to the graph'
 into the static buffers in one transfer per dtype; then the graph replays. Padded tokens write
 their KV to slot -1 (skipped), padded decode rows have an empty context (zeros out), and padded
 prefill tile-map entries are -1 (no work). Larger steps run eagerly.
+
+A larger graph can be the faster one: the library matmuls are not monotone in their rows (on an H100,
+cuBLASLt's pick at 288, 352 and 448 rows is 10-40% slower than at the next captured size up). So
+each graph is timed once captured, and a size that a larger graph beats by more than `REPAD_MARGIN`
+pads to that graph instead (`faster_sizes`); the slower graph is dropped.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ import torch
 from torch import nn
 
 from gllm_engine.layers.attention import AttentionMetadata, prefill_tile_map
+from gllm_engine.layers.parallel import SINGLE, TPLayout
 from gllm_engine.runner.input_batch import HostUploader, ModelInputs, StepArrays, pack_layout
 
 logger = logging.getLogger(__name__)
 
 MAX_GRAPH_PREFILLS = 16  # prefill chunks a mixed-step graph has tile-map room for
 MAX_GRAPH_TOKENS = 1024  # mixed steps up to this many tokens replay a graph (if the step budget allows)
+REPAD_MARGIN = 0.03  # a larger graph takes a size's steps only when this much faster (timing noise)
+TIMED_REPLAYS = 3  # replays timed per graph after a warm one; the fastest counts
 
 
 def capture_sizes(max_size: int, min_size: int = 1) -> list[int]:
@@ -36,6 +44,22 @@ def capture_sizes(max_size: int, min_size: int = 1) -> list[int]:
     return sizes
 
 
+def faster_sizes(times: dict[int, float], margin: float = REPAD_MARGIN) -> dict[int, int]:
+    """`{size: larger size}` for the sizes whose steps should replay a larger graph.
+
+    `times`: a replay's time per captured size. A size keeps its own graph unless it is more than
+    `margin` slower than the graph every larger size settled on; then it takes that graph too.
+    """
+    faster: dict[int, int] = {}
+    best = None
+    for size in sorted(times, reverse=True):
+        if best is None or times[size] <= times[best] * (1 + margin):
+            best = size
+        else:
+            faster[size] = best
+    return faster
+
+
 class GraphKey(NamedTuple):
     size: int  # padded tokens (= padded requests for decode-only graphs)
     mixed: bool  # has prefill chunks
@@ -45,8 +69,9 @@ class StepGraphs:
     """Captured forward passes for decode-only batches up to `max_num_seqs` and mixed steps up to `max_tokens`."""
 
     def __init__(self, model: nn.Module, max_num_seqs: int, max_tokens: int, max_blocks_per_seq: int,
-                 prefill_block_m: int, device: torch.device):
+                 prefill_block_m: int, device: torch.device, tp: TPLayout = SINGLE):
         self.model = model
+        self.tp = tp  # its ranks replay graphs together: they must pick the same ones
         self.block_m = prefill_block_m
         self.decode_sizes = capture_sizes(max_num_seqs)
         self.mixed_sizes = capture_sizes(max_tokens, min_size=16) if max_tokens >= 16 else []
@@ -64,6 +89,7 @@ class StepGraphs:
         self.block_tables = torch.zeros((m, max_blocks_per_seq), dtype=torch.int32, device=device)
         self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[GraphKey, torch.Tensor] = {}
+        self.repad: dict[GraphKey, GraphKey] = {}  # a dropped graph's size -> the faster graph its steps replay
 
     def _num_tiles(self, size: int) -> int:
         return -(-size // self.block_m) + MAX_GRAPH_PREFILLS
@@ -102,6 +128,37 @@ class StepGraphs:
         logger.info("captured %d CUDA graphs (decode batches 1..%d, mixed steps 16..%d tokens) in %.1f s, %.0f MiB",
                     len(self.graphs), self.decode_sizes[-1], self.mixed_sizes[-1] if self.mixed_sizes else 0,
                     time.perf_counter() - start, used)
+        start = time.perf_counter()
+        self._repad_to_faster_graphs()
+        logger.info("timed the graphs in %.1f s; padded further to a faster graph: %s", time.perf_counter() - start,
+                    ", ".join(f"{'mixed ' if a.mixed else ''}{a.size}->{b.size}" for a, b in self.repad.items())
+                    or "none")
+
+    def _replay_ms(self, key: GraphKey) -> float:
+        """The fastest of `TIMED_REPLAYS` replays of graph `key` on the padding inputs, after a warm one."""
+        graph = self.graphs[key]
+        graph.replay()
+        fastest = float("inf")
+        for _ in range(TIMED_REPLAYS):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            fastest = min(fastest, begin.elapsed_time(end))
+        return fastest
+
+    def _repad_to_faster_graphs(self) -> None:
+        """Time every graph (summed over the tensor-parallel ranks, so all decide alike), send each size that
+        `faster_sizes` names to its larger graph, and drop the graphs no step replays any more."""
+        keys = sorted(self.graphs)
+        times = self.tp.all_reduce(torch.tensor([self._replay_ms(k) for k in keys], device=self.int64.device))
+        by_key = dict(zip(keys, times.tolist()))
+        for mixed in (False, True):
+            sizes = {k.size: t for k, t in by_key.items() if k.mixed == mixed}
+            for small, large in faster_sizes(sizes).items():
+                self.repad[GraphKey(small, mixed)] = GraphKey(large, mixed)
+                del self.graphs[GraphKey(small, mixed)], self.outputs[GraphKey(small, mixed)]
 
     def _reset_padding(self) -> None:
         """Inputs that make every row padding: no KV written, no context read, no prefill tile."""
@@ -117,11 +174,13 @@ class StepGraphs:
             return None
         if step.num_decodes == step.num_requests:
             size = next((s for s in self.decode_sizes if s >= step.num_requests), None)
-            return GraphKey(size, False) if size is not None else None
-        if step.num_requests - step.num_decodes > MAX_GRAPH_PREFILLS:
+            key = GraphKey(size, False) if size is not None else None
+        elif step.num_requests - step.num_decodes > MAX_GRAPH_PREFILLS:
             return None
-        size = next((s for s in self.mixed_sizes if s >= step.num_tokens), None)
-        return GraphKey(size, True) if size is not None else None
+        else:
+            size = next((s for s in self.mixed_sizes if s >= step.num_tokens), None)
+            key = GraphKey(size, True) if size is not None else None
+        return self.repad.get(key, key)
 
     def load(self, key: GraphKey, step: StepArrays, uploader: HostUploader) -> ModelInputs:
         """Copy `step` into the static inputs of graph `key`; the inputs as views of them."""

@@ -100,7 +100,7 @@ class ModelRunner:
             # flash-attn's prefill is sized by the step's decode count on the host: no mixed-step graphs
             mixed_tokens = 0 if self.ops.name == "flash-attn" else min(MAX_GRAPH_TOKENS, sched.max_num_batched_tokens)
             self.graphs = StepGraphs(self.model, sched.max_num_seqs, mixed_tokens, max_blocks,
-                                     self.prefill_block_m, self.device)
+                                     self.prefill_block_m, self.device, self.layout.tp)
             self.graphs.capture()
 
     # ---- KV cache -------------------------------------------------------------------------------
