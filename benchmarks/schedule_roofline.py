@@ -19,11 +19,15 @@ costs its projections at the measured time per call for its rows (interpolated; 
 row count measured, the larger of that time and the FLOPs at the matmul rate), the LM head for its
 sampling rows, attention as in the bound but with KV read at `--attention-tb-s`, the elementwise
 kernels' traffic (two RMSNorms with the residual, SiLU-and-mul, rotary and the KV-cache store) at the
-copy bandwidth, and `--step-overhead-ms` for what does not scale with the batch.
+copy bandwidth, and `--step-overhead-ms` for what does not scale with the batch. With `--graph-padding`
+the projections and elementwise kernels run the rows of the CUDA graph the engine would replay (its
+capture sizes for the schedule's `max_num_seqs` and token budget, and past the sizes a larger one beats
+by the measured projections, as `runner/cuda_graph.py` does by timing its graphs); larger steps, and
+mixed steps of more prefill chunks than a graph holds, run unpadded.
 
     python benchmarks/decode_replay.py record --requests-file .gpu/sharegpt1000.json --out schedule.json
     python benchmarks/schedule_roofline.py schedule.json --config benchmarks/configs/llama3-8b \\
-        --bandwidth 3.05 --tflops 693 --measured-tok-s 24000 [--matmul-costs matmul_rows.json]
+        --bandwidth 3.05 --tflops 693 --measured-tok-s 24000 [--matmul-costs matmul_rows.json [--graph-padding]]
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +129,8 @@ class MeasuredCosts:
     shapes: dict[str, tuple[int, int]]  # (out, in) features of each
     attention_bandwidth: float  # bytes/s decode attention reads the KV cache at
     step_overhead_s: float
+    # mixed (has prefill chunks) -> (the engine's CUDA-graph sizes, {size: the larger size it pads to instead})
+    graphs: dict[bool, tuple[list[int], dict[int, int]]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str, attention_bandwidth: float, step_overhead_s: float) -> MeasuredCosts:
@@ -142,6 +148,30 @@ class MeasuredCosts:
         out_features, in_features = self.shapes[name]
         return max(us[-1] * 1e-6, 2 * rows * out_features * in_features / flops)
 
+    def with_graphs(self, max_num_seqs: int, max_num_batched_tokens: int, flops: float) -> MeasuredCosts:
+        """These costs with steps padded to the CUDA graphs an engine of these limits captures, each size sent
+        past a larger one that `faster_sizes` prefers by the measured time of a layer's projections."""
+        from gllm_engine.runner.cuda_graph import MAX_GRAPH_TOKENS, capture_sizes, faster_sizes
+
+        def graphs(sizes: list[int]) -> tuple[list[int], dict[int, int]]:
+            layer = {s: sum(self.matmul_s(name, s, flops) for name in ("qkv", "o", "gate_up", "down")) for s in sizes}
+            return sizes, faster_sizes(layer)
+        mixed_tokens = min(MAX_GRAPH_TOKENS, max_num_batched_tokens)
+        padded = {False: graphs(capture_sizes(max_num_seqs))}
+        if mixed_tokens >= 16:
+            padded[True] = graphs(capture_sizes(mixed_tokens, min_size=16))
+        return replace(self, graphs=padded)
+
+    def step_rows(self, tokens: int, prefill_chunks: int) -> int:
+        """The rows the projections of a step of `tokens` run: the graph it would replay, or its own."""
+        from gllm_engine.runner.cuda_graph import MAX_GRAPH_PREFILLS
+
+        if prefill_chunks not in range(MAX_GRAPH_PREFILLS + 1) or (prefill_chunks > 0) not in self.graphs:
+            return tokens
+        sizes, repad = self.graphs[prefill_chunks > 0]
+        size = next((s for s in sizes if s >= tokens), None)
+        return tokens if size is None else repad.get(size, size)
+
     def elementwise_token_bytes(self, layers: int, activation_bytes: int = 2) -> float:
         """Bytes a token moves through a layer's elementwise kernels, all layers: two RMSNorms with the
         residual add (read x and residual, write both), SiLU-and-mul (read gate and up, write one), rotary
@@ -152,13 +182,14 @@ class MeasuredCosts:
 
 
 def step_estimate(seqs: list[list[int]], shapes: DenseShapes, costs: MeasuredCosts, bandwidth: float,
-                  flops: float) -> float:
-    """Seconds the engine's kernels would take for one step (`seqs` as in `step_bound`), by `costs`."""
-    tokens = sum(n for _, n in seqs)
-    linear = shapes.layers * sum(costs.matmul_s(name, tokens, flops) for name in ("qkv", "o", "gate_up", "down"))
+                  flops: float, num_decodes: int | None = None) -> float:
+    """Seconds the engine's kernels would take for one step (`seqs` as in `step_bound`, its first
+    `num_decodes` decodes; default: all), by `costs`."""
+    rows = costs.step_rows(sum(n for _, n in seqs), len(seqs) - (len(seqs) if num_decodes is None else num_decodes))
+    linear = shapes.layers * sum(costs.matmul_s(name, rows, flops) for name in ("qkv", "o", "gate_up", "down"))
     linear += costs.matmul_s("lm_head", len(seqs), flops)
     attention = attention_s(seqs, shapes, costs.attention_bandwidth, flops)
-    elementwise = tokens * costs.elementwise_token_bytes(shapes.layers) / bandwidth
+    elementwise = rows * costs.elementwise_token_bytes(shapes.layers) / bandwidth
     return linear + attention + elementwise + costs.step_overhead_s
 
 
@@ -180,7 +211,7 @@ def schedule_bound(steps: list[list], shapes: DenseShapes, bandwidth: float, flo
     for num_decodes, seqs in steps:
         bound = step_bound(seqs, shapes, bandwidth, flops)
         if costs:
-            bound.estimate_s = step_estimate(seqs, shapes, costs, bandwidth, flops)
+            bound.estimate_s = step_estimate(seqs, shapes, costs, bandwidth, flops, num_decodes)
         kind = decode_bucket(len(seqs)) if num_decodes == len(seqs) else "with prefill"
         groups.setdefault(kind, Bound()).add(bound)
         total.add(bound)
@@ -227,13 +258,20 @@ def main() -> None:
     ap.add_argument("--step-overhead-ms", type=float, default=0.45,
                     help="with --matmul-costs: time a step takes beyond its kernels' bytes and FLOPs (default: "
                          "what the H100's batch-1 decode showed)")
+    ap.add_argument("--graph-padding", action="store_true",
+                    help="with --matmul-costs: pad steps to the CUDA graphs the engine would replay")
     args = ap.parse_args()
+    if args.graph_padding and not args.matmul_costs:
+        sys.exit("--graph-padding needs --matmul-costs")
     recorded = json.loads(Path(args.schedule).read_text())
     steps = recorded["steps"]
     shapes = DenseShapes.from_config(args.config, args.kv_cache_dtype)
     bandwidth, flops = args.bandwidth * 1e12, args.tflops * 1e12
     costs = (MeasuredCosts.load(args.matmul_costs, (args.attention_tb_s or 0.9 * args.bandwidth) * 1e12,
                                 args.step_overhead_ms * 1e-3) if args.matmul_costs else None)
+    if args.graph_padding:
+        settings = recorded["settings"]
+        costs = costs.with_graphs(settings["max_num_seqs"], settings["max_num_batched_tokens"], flops)
     bounds = schedule_bound(steps, shapes, bandwidth, flops, costs)
     total = bounds["all"]
     title = (f"Roofline of {recorded['requests']} requests' schedule ({len(steps)} steps; {Path(args.config).name}, "

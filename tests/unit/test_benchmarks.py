@@ -14,6 +14,7 @@ from benchmarks.decode_replay import decode_contexts
 from benchmarks.matmul_rows import matmul_bound
 from benchmarks.schedule_roofline import DenseShapes, MeasuredCosts, schedule_bound, step_bound, step_estimate
 from benchmarks.single_gpu import print_report
+from gllm_engine.runner.cuda_graph import MAX_GRAPH_PREFILLS
 from tests.helpers import make_tiny_model_dir, table_cells
 
 
@@ -210,6 +211,24 @@ def test_step_estimate_charges_measured_matmul_times_attention_elementwise_traff
     assert bounds["all"].estimate_s == pytest.approx(2 * estimate + 2 * 8 / 10.0)
 
 
+def test_graph_padding_runs_a_step_at_the_rows_of_the_graph_the_engine_would_replay():
+    # a layer's projections are slow at 32 rows: 5 µs against 2 at 48, so the engine pads 17-32 rows to 48
+    us = {"qkv": [1.0, 5.0, 2.0, 2.5]} | {name: [0.0] * 4 for name in ("o", "gate_up", "down", "lm_head")}
+    features = {"qkv": (12, 8), "o": (8, 8), "gate_up": (32, 8), "down": (8, 16), "lm_head": (100, 8)}
+    flat = MeasuredCosts(rows=[16, 32, 48, 64], matmul_us=us, shapes=features, attention_bandwidth=10.0,
+                         step_overhead_s=0.0)
+    costs = flat.with_graphs(max_num_seqs=64, max_num_batched_tokens=64, flops=1e12)
+    assert costs.graphs[False][1] == costs.graphs[True][1] == {32: 48}
+    assert [costs.step_rows(t, 0) for t in (3, 16, 20, 40, 64)] == [4, 16, 48, 48, 64]  # decode-only: by requests
+    assert costs.step_rows(20, 1) == 48 and costs.step_rows(70, 1) == 70  # mixed: by tokens, eager past 64
+    assert costs.step_rows(20, MAX_GRAPH_PREFILLS + 1) == 20  # more prefill chunks than a graph holds: eager
+    assert flat.step_rows(20, 0) == 20  # without graphs: unpadded
+    shapes = DenseShapes(body_params=100, head_params=10, layers=2, q_width=4, kv_token_bytes=8, weight_bytes=2)
+    # 24 decodes run as 48 rows: qkv 2 µs instead of 3 (interpolated) in 2 layers, 24 more rows of elementwise bytes
+    padded, unpadded = (step_estimate([[5, 1]] * 24, shapes, c, bandwidth=1e3, flops=1e12) for c in (costs, flat))
+    assert padded - unpadded == pytest.approx(2 * (2.0 - 3.0) * 1e-6 + 24 * 544 / 1e3)
+
+
 def test_schedule_roofline_bounds_every_recorded_step(tmp_path):
     model = make_tiny_model_dir("LlamaForCausalLM", tmp_path / "m", with_tokenizer=False)
     _, schedule = record_two_requests(tmp_path)
@@ -229,14 +248,16 @@ def test_schedule_roofline_bounds_every_recorded_step(tmp_path):
                    check=True, timeout=600, capture_output=True)
     saved = json.loads(costs.read_text())
     assert saved["rows"] == [4, 1] and all(len(saved["us"][k]) == 2 for k in ("qkv", "o", "gate_up", "down", "lm_head"))
-    res = subprocess.run([sys.executable, "benchmarks/schedule_roofline.py", str(schedule), "--config", str(model),
-                          "--bandwidth", "1", "--tflops", "1", "--matmul-costs", str(costs), "--step-overhead-ms",
-                          "1000"], check=True, timeout=600, capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "200"})
-    estimates = {cells[0]: float(cells[-1]) for cells in map(table_cells, res.stdout.splitlines()) if len(cells) == 8}
-    # the kernels of a toy model take microseconds: the estimates are a second a step
-    assert estimates == {"with prefill": 1.0, "decode 1-16": 4.0, "all": 5.0}
-    assert f"estimate from {costs}" in res.stdout.replace("\n", "")
+    for padding in ([], ["--graph-padding"]):  # the schedule's steps padded to graph sizes or not
+        res = subprocess.run([sys.executable, "benchmarks/schedule_roofline.py", str(schedule), "--config", str(model),
+                              "--bandwidth", "1", "--tflops", "1", "--matmul-costs", str(costs), "--step-overhead-ms",
+                              "1000", *padding], check=True, timeout=600, capture_output=True, text=True,
+                             env={**os.environ, "COLUMNS": "200"})
+        estimates = {cells[0]: float(cells[-1]) for cells in map(table_cells, res.stdout.splitlines())
+                     if len(cells) == 8}
+        # the kernels of a toy model take microseconds: the estimates are a second a step
+        assert estimates == {"with prefill": 1.0, "decode 1-16": 4.0, "all": 5.0}
+        assert f"estimate from {costs}" in res.stdout.replace("\n", "")
 
 
 def test_kv_cache_accuracy_compares_every_run_with_the_first():
