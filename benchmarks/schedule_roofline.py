@@ -163,7 +163,8 @@ class MeasuredCosts:
         return replace(self, graphs=padded)
 
     def step_rows(self, tokens: int, prefill_chunks: int) -> int:
-        """The rows the projections of a step of `tokens` run: the graph it would replay, or its own."""
+        """The rows a step of `tokens` with `prefill_chunks` prefill chunks runs its projections at: those of the
+        graph it would replay, else its own."""
         from gllm_engine.runner.cuda_graph import MAX_GRAPH_PREFILLS
 
         if prefill_chunks not in range(MAX_GRAPH_PREFILLS + 1) or (prefill_chunks > 0) not in self.graphs:
