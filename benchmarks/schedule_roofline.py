@@ -21,8 +21,8 @@ sampling rows, attention as in the bound but with KV read at `--attention-tb-s`,
 kernels' traffic (two RMSNorms with the residual, SiLU-and-mul, rotary and the KV-cache store) at the
 copy bandwidth, and `--step-overhead-ms` for what does not scale with the batch. With `--graph-padding`
 the projections and elementwise kernels run the rows of the CUDA graph the engine would replay (its
-capture sizes for the schedule's `max_num_seqs` and token budget, and past the sizes a larger one beats
-by the measured projections, as `runner/cuda_graph.py` does by timing its graphs); larger steps, and
+capture sizes for the schedule's `max_num_seqs` and token budget, less those a larger one beats by the
+measured projections, as `runner/cuda_graph.py` drops them by timing its graphs); larger steps, and
 mixed steps of more prefill chunks than a graph holds, run unpadded.
 
     python benchmarks/decode_replay.py record --requests-file .gpu/sharegpt1000.json --out schedule.json
@@ -129,8 +129,8 @@ class MeasuredCosts:
     shapes: dict[str, tuple[int, int]]  # (out, in) features of each
     attention_bandwidth: float  # bytes/s decode attention reads the KV cache at
     step_overhead_s: float
-    # mixed (has prefill chunks) -> (the engine's CUDA-graph sizes, {size: the larger size it pads to instead})
-    graphs: dict[bool, tuple[list[int], dict[int, int]]] = field(default_factory=dict)
+    # mixed (has prefill chunks) -> the sizes of the engine's CUDA graphs, ascending
+    graph_sizes: dict[bool, list[int]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str, attention_bandwidth: float, step_overhead_s: float) -> MeasuredCosts:
@@ -149,29 +149,27 @@ class MeasuredCosts:
         return max(us[-1] * 1e-6, 2 * rows * out_features * in_features / flops)
 
     def with_graphs(self, max_num_seqs: int, max_num_batched_tokens: int, flops: float) -> MeasuredCosts:
-        """These costs with steps padded to the CUDA graphs an engine of these limits captures, each size sent
-        past a larger one that `faster_sizes` prefers by the measured time of a layer's projections."""
-        from gllm_engine.runner.cuda_graph import MAX_GRAPH_TOKENS, capture_sizes, faster_sizes
+        """These costs with steps padded to the CUDA graphs an engine of these limits keeps: its capture sizes
+        less those `kept_sizes` drops by the measured time of a layer's projections."""
+        from gllm_engine.runner.cuda_graph import MAX_GRAPH_TOKENS, capture_sizes, kept_sizes
 
-        def graphs(sizes: list[int]) -> tuple[list[int], dict[int, int]]:
-            layer = {s: sum(self.matmul_s(name, s, flops) for name in ("qkv", "o", "gate_up", "down")) for s in sizes}
-            return sizes, faster_sizes(layer)
+        def kept(sizes: list[int]) -> list[int]:
+            return kept_sizes({s: sum(self.matmul_s(name, s, flops) for name in ("qkv", "o", "gate_up", "down"))
+                               for s in sizes})
         mixed_tokens = min(MAX_GRAPH_TOKENS, max_num_batched_tokens)
-        padded = {False: graphs(capture_sizes(max_num_seqs))}
+        sizes = {False: kept(capture_sizes(max_num_seqs))}
         if mixed_tokens >= 16:
-            padded[True] = graphs(capture_sizes(mixed_tokens, min_size=16))
-        return replace(self, graphs=padded)
+            sizes[True] = kept(capture_sizes(mixed_tokens, min_size=16))
+        return replace(self, graph_sizes=sizes)
 
     def step_rows(self, tokens: int, prefill_chunks: int) -> int:
         """The rows a step of `tokens` with `prefill_chunks` prefill chunks runs its projections at: those of the
         graph it would replay, else its own."""
         from gllm_engine.runner.cuda_graph import MAX_GRAPH_PREFILLS
 
-        if prefill_chunks not in range(MAX_GRAPH_PREFILLS + 1) or (prefill_chunks > 0) not in self.graphs:
+        if prefill_chunks > MAX_GRAPH_PREFILLS:
             return tokens
-        sizes, repad = self.graphs[prefill_chunks > 0]
-        size = next((s for s in sizes if s >= tokens), None)
-        return tokens if size is None else repad.get(size, size)
+        return next((s for s in self.graph_sizes.get(prefill_chunks > 0, []) if s >= tokens), tokens)
 
     def elementwise_token_bytes(self, layers: int, activation_bytes: int = 2) -> float:
         """Bytes a token moves through a layer's elementwise kernels, all layers: two RMSNorms with the

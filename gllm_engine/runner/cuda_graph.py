@@ -9,8 +9,8 @@ prefill tile-map entries are -1 (no work). Larger steps run eagerly.
 
 A larger graph can be the faster one: the library matmuls are not monotone in their rows (on an H100,
 cuBLASLt's pick at 288, 352 and 448 rows is 10-40% slower than at the next captured size up). So
-each graph is timed once captured, and a size that a larger graph beats by more than `REPAD_MARGIN`
-pads to that graph instead (`faster_sizes`); the slower graph is dropped.
+each graph is timed once captured, and a size that a larger graph beats by more than `DROP_MARGIN`
+is dropped (`kept_sizes`): its steps pad on to the next size kept.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 MAX_GRAPH_PREFILLS = 16  # prefill chunks a mixed-step graph has tile-map room for
 MAX_GRAPH_TOKENS = 1024  # mixed steps up to this many tokens replay a graph (if the step budget allows)
-REPAD_MARGIN = 0.03  # a larger graph takes a size's steps only when this much faster (timing noise)
+DROP_MARGIN = 0.03  # a size is dropped for a larger graph only when that is this much faster (timing noise)
 TIMED_REPLAYS = 3  # replays timed per graph after a warm one; the fastest counts
 
 
@@ -44,20 +44,14 @@ def capture_sizes(max_size: int, min_size: int = 1) -> list[int]:
     return sizes
 
 
-def faster_sizes(times: dict[int, float], margin: float = REPAD_MARGIN) -> dict[int, int]:
-    """`{size: larger size}` for the sizes whose steps should replay a larger graph.
-
-    `times`: a replay's time per captured size. A size keeps its own graph unless it is more than
-    `margin` slower than the graph every larger size settled on; then it takes that graph too.
-    """
-    faster: dict[int, int] = {}
-    best = None
+def kept_sizes(times: dict[int, float], margin: float = DROP_MARGIN) -> list[int]:
+    """The sizes worth a graph, ascending, from a replay's time per captured size: each one unless the
+    next larger size kept is more than `margin` faster (its steps then pad on to that one)."""
+    kept: list[int] = []
     for size in sorted(times, reverse=True):
-        if best is None or times[size] <= times[best] * (1 + margin):
-            best = size
-        else:
-            faster[size] = best
-    return faster
+        if not kept or times[size] <= times[kept[-1]] * (1 + margin):
+            kept.append(size)
+    return kept[::-1]
 
 
 class GraphKey(NamedTuple):
@@ -89,7 +83,6 @@ class StepGraphs:
         self.block_tables = torch.zeros((m, max_blocks_per_seq), dtype=torch.int32, device=device)
         self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[GraphKey, torch.Tensor] = {}
-        self.repad: dict[GraphKey, GraphKey] = {}  # a dropped graph's size -> the faster graph its steps replay
 
     def _num_tiles(self, size: int) -> int:
         return -(-size // self.block_m) + MAX_GRAPH_PREFILLS
@@ -129,10 +122,9 @@ class StepGraphs:
                     len(self.graphs), self.decode_sizes[-1], self.mixed_sizes[-1] if self.mixed_sizes else 0,
                     time.perf_counter() - start, used)
         start = time.perf_counter()
-        self._repad_to_faster_graphs()
-        logger.info("timed the graphs in %.1f s; padded further to a faster graph: %s", time.perf_counter() - start,
-                    ", ".join(f"{'mixed ' if a.mixed else ''}{a.size}->{b.size}" for a, b in self.repad.items())
-                    or "none")
+        dropped = self._drop_slower_graphs()
+        logger.info("timed the graphs in %.1f s; dropped for a faster larger one: %s", time.perf_counter() - start,
+                    ", ".join(f"{'mixed ' if k.mixed else ''}{k.size}" for k in dropped) or "none")
 
     def _replay_ms(self, key: GraphKey) -> float:
         """The fastest of `TIMED_REPLAYS` replays of graph `key` on the padding inputs, after a warm one."""
@@ -148,17 +140,18 @@ class StepGraphs:
             fastest = min(fastest, begin.elapsed_time(end))
         return fastest
 
-    def _repad_to_faster_graphs(self) -> None:
-        """Time every graph (summed over the tensor-parallel ranks, so all decide alike), send each size that
-        `faster_sizes` names to its larger graph, and drop the graphs no step replays any more."""
+    def _drop_slower_graphs(self) -> list[GraphKey]:
+        """Time every graph (summed over the tensor-parallel ranks, so all decide alike) and drop the sizes
+        `kept_sizes` leaves out; the keys dropped."""
         keys = sorted(self.graphs)
         times = self.tp.all_reduce(torch.tensor([self._replay_ms(k) for k in keys], device=self.int64.device))
         by_key = dict(zip(keys, times.tolist()))
-        for mixed in (False, True):
-            sizes = {k.size: t for k, t in by_key.items() if k.mixed == mixed}
-            for small, large in faster_sizes(sizes).items():
-                self.repad[GraphKey(small, mixed)] = GraphKey(large, mixed)
-                del self.graphs[GraphKey(small, mixed)], self.outputs[GraphKey(small, mixed)]
+        self.decode_sizes = kept_sizes({k.size: t for k, t in by_key.items() if not k.mixed})
+        self.mixed_sizes = kept_sizes({k.size: t for k, t in by_key.items() if k.mixed})
+        dropped = [k for k in keys if k.size not in (self.mixed_sizes if k.mixed else self.decode_sizes)]
+        for key in dropped:
+            del self.graphs[key], self.outputs[key]
+        return dropped
 
     def _reset_padding(self) -> None:
         """Inputs that make every row padding: no KV written, no context read, no prefill tile."""
@@ -174,13 +167,11 @@ class StepGraphs:
             return None
         if step.num_decodes == step.num_requests:
             size = next((s for s in self.decode_sizes if s >= step.num_requests), None)
-            key = GraphKey(size, False) if size is not None else None
-        elif step.num_requests - step.num_decodes > MAX_GRAPH_PREFILLS:
+            return GraphKey(size, False) if size is not None else None
+        if step.num_requests - step.num_decodes > MAX_GRAPH_PREFILLS:
             return None
-        else:
-            size = next((s for s in self.mixed_sizes if s >= step.num_tokens), None)
-            key = GraphKey(size, True) if size is not None else None
-        return self.repad.get(key, key)
+        size = next((s for s in self.mixed_sizes if s >= step.num_tokens), None)
+        return GraphKey(size, True) if size is not None else None
 
     def load(self, key: GraphKey, step: StepArrays, uploader: HostUploader) -> ModelInputs:
         """Copy `step` into the static inputs of graph `key`; the inputs as views of them."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gllm_engine import LLM, SamplingParams
-from gllm_engine.runner.cuda_graph import MAX_GRAPH_PREFILLS, GraphKey, StepGraphs, capture_sizes, faster_sizes
+from gllm_engine.runner.cuda_graph import MAX_GRAPH_PREFILLS, GraphKey, StepGraphs, capture_sizes, kept_sizes
 from gllm_engine.runner.input_batch import StepArrays
 from tests.helpers import make_tiny_model_dir
 
@@ -39,14 +39,14 @@ def test_capture_sizes():
     assert sizes[0] == 16 and sizes[-1] == 1024 and 288 in sizes and 576 in sizes and 600 not in sizes
 
 
-def test_faster_sizes_pad_past_slow_graphs():
-    # The layer's matmul microseconds cuBLASLt took on an H100 (benchmarks/measured/): 288 and 448 are slow.
+def test_kept_sizes_drop_graphs_a_larger_one_beats():
+    # The layer's matmul microseconds cuBLASLt took on an H100 (benchmarks/measured/): 288, 352, 448 are slow.
     times = {256: 208.0, 288: 254.9, 320: 232.4, 352: 275.4, 384: 251.4, 416: 319.3, 448: 431.5, 480: 320.7,
              512: 313.4}
-    assert faster_sizes(times) == {288: 320, 352: 384, 448: 480}
-    assert faster_sizes({8: 1.0, 16: 1.02, 32: 1.0}) == {}  # within the margin: the smaller graph stays
-    assert faster_sizes({8: 2.0, 16: 3.0, 32: 1.0}) == {8: 32, 16: 32}  # a chain goes to the fastest
-    assert faster_sizes({}) == {}
+    assert kept_sizes(times) == [256, 320, 384, 416, 480, 512]
+    assert kept_sizes({8: 1.0, 16: 1.02, 32: 1.0}) == [8, 16, 32]  # within the margin: the smaller graph stays
+    assert kept_sizes({8: 2.0, 16: 3.0, 32: 1.0}) == [32]  # both pad on to the fastest
+    assert kept_sizes({}) == []
 
 
 def test_padded_graph_inputs_give_the_eager_hidden_states(model_dir):
@@ -106,9 +106,24 @@ def test_pick_falls_back_to_eager_when_a_step_does_not_fit(model_dir):
     assert graphs.pick(step([1, 70], 1)) is None  # more tokens than the largest mixed graph
     assert graphs.pick(step([2] * (MAX_GRAPH_PREFILLS + 1), 0)) is None  # more prefill chunks than the tile map holds
     assert graphs.pick(step([1, 1], 2, width=9)) is None  # a wider block table than captured
-    graphs.repad = {GraphKey(2, False): GraphKey(4, False), GraphKey(32, True): GraphKey(48, True)}
-    assert graphs.pick(step([1, 1], 2)) == GraphKey(4, False)  # a larger graph timed faster
+    graphs.decode_sizes, graphs.mixed_sizes = [1, 4], [16, 48, 64]  # 2 and 32 dropped for slowness
+    assert graphs.pick(step([1, 1], 2)) == GraphKey(4, False)  # pads on to the next size kept
     assert graphs.pick(step([1, 20], 1)) == GraphKey(48, True)
+
+
+def test_timed_graphs_slower_than_a_larger_one_are_dropped(model_dir, monkeypatch):
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", skip_tokenizer_init=True, show_progress=False)
+    runner = llm.engine.executor.runner
+    graphs = StepGraphs(runner.model, 4, 64, 8, runner.prefill_block_m, runner.device)
+    graphs.graphs = {GraphKey(s, False): object() for s in graphs.decode_sizes}  # no CUDA here: stand-ins
+    graphs.graphs |= {GraphKey(s, True): object() for s in graphs.mixed_sizes}
+    graphs.outputs = dict.fromkeys(graphs.graphs)
+    slow = {GraphKey(2, False), GraphKey(32, True)}
+    monkeypatch.setattr(StepGraphs, "_replay_ms", lambda self, key: 100.0 if key in slow else float(key.size))
+    assert graphs._drop_slower_graphs() == sorted(slow)
+    assert graphs.decode_sizes == [1, 4] and graphs.mixed_sizes == [16, 48, 64]
+    assert set(graphs.graphs) == set(graphs.outputs) == {GraphKey(s, False) for s in (1, 4)} | {
+        GraphKey(s, True) for s in (16, 48, 64)}
 
 
 @pytest.mark.gpu

@@ -218,7 +218,7 @@ def test_graph_padding_runs_a_step_at_the_rows_of_the_graph_the_engine_would_rep
     flat = MeasuredCosts(rows=[16, 32, 48, 64], matmul_us=us, shapes=features, attention_bandwidth=10.0,
                          step_overhead_s=0.0)
     costs = flat.with_graphs(max_num_seqs=64, max_num_batched_tokens=64, flops=1e12)
-    assert costs.graphs[False][1] == costs.graphs[True][1] == {32: 48}
+    assert costs.graph_sizes == {False: [1, 2, 4, 8, 16, 48, 64], True: [16, 48, 64]}
     assert [costs.step_rows(t, 0) for t in (3, 16, 20, 40, 64)] == [4, 16, 48, 48, 64]  # decode-only: by requests
     assert costs.step_rows(20, 1) == 48 and costs.step_rows(70, 1) == 70  # mixed: by tokens, eager past 64
     assert costs.step_rows(20, MAX_GRAPH_PREFILLS + 1) == 20  # more prefill chunks than a graph holds: eager
