@@ -3,10 +3,14 @@
 Which requests decode in which step, and over how much context, depends on the requests and the
 batching settings, not on the model. `record` therefore runs the engine on the CPU with a tiny random
 model and saves every step's plan: per scheduled sequence, the tokens computed before the step and the
-tokens it computes (`schedule_roofline.py` reads the same file). `replay` takes the decode-only steps
-and rebuilds every Nth of those batches on a GPU at --config's attention shapes. Each batch is padded
-to the CUDA-graph size the engine would pad it to, with shuffled blocks. `paged_decode_attention` is
-then timed in CUDA graphs of 10 calls, and the totals are scaled to all steps and all layers.
+tokens it computes (`schedule_roofline.py` reads the same file). The CPU engine captures no CUDA graphs;
+with `--matmul-costs` (a GPU's `matmul_rows.py --output-json`) and `--tflops` it admits as one with the
+graphs it would keep on that GPU (`longest_first` fills the rows a decode step is padded to).
+
+`replay` takes the decode-only steps and rebuilds every Nth of those batches on a GPU at --config's
+attention shapes. Each batch is padded to the CUDA-graph size the engine would pad it to, with
+shuffled blocks. `paged_decode_attention` is then timed in CUDA graphs of 10 calls, and the totals
+are scaled to all steps and all layers.
 
     python benchmarks/decode_replay.py record --requests-file .gpu/sharegpt1000.json --out decode_steps.json
     python benchmarks/decode_replay.py replay decode_steps.json --config benchmarks/configs/llama3-8b --every 5
@@ -29,10 +33,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from offline_throughput import workload_requests  # noqa: E402
-from schedule_roofline import BUCKETS, workload  # noqa: E402
+from schedule_roofline import BUCKETS, MeasuredCosts, workload  # noqa: E402
 from timing import bench_us  # noqa: E402
 
-from gllm_engine.config import SCHEDULING_POLICIES  # noqa: E402
+from gllm_engine.config import LONGEST_FIRST_MIN_RUNNING, SCHEDULING_POLICIES  # noqa: E402
 
 GRAPH_CALLS = 10
 
@@ -56,8 +60,13 @@ def record(args: argparse.Namespace) -> None:
                                      max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                                      max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                                      num_gpu_blocks_override=args.num_blocks, skip_tokenizer_init=True,
-                                     scheduling_policy=args.scheduling_policy)
+                                     scheduling_policy=args.scheduling_policy,
+                                     longest_first_min_running=args.longest_first_min_running)
         core = EngineCore(config, show_progress=False)
+        if args.matmul_costs:  # the CPU engine captures no CUDA graphs: admit as a GPU one with these would
+            costs = MeasuredCosts.load(args.matmul_costs, 0.0, 0.0)
+            core.scheduler.waiting.decode_batch_sizes = costs.with_graphs(
+                args.max_num_seqs, args.max_num_batched_tokens, args.tflops * 1e12).graph_sizes[False]
         for i, r in enumerate(requests):
             core.add_request(str(i), r.prompt_token_ids,
                              SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True))
@@ -74,7 +83,7 @@ def record(args: argparse.Namespace) -> None:
         while core.has_unfinished_requests():
             core.step()
     settings = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks",
-                                              "scheduling_policy")}
+                                              "scheduling_policy", "longest_first_min_running", "matmul_costs")}
     Path(args.out).write_text(json.dumps({"settings": settings, **workload(requests), "steps": steps}))
     decode_steps = decode_contexts(steps)
     tokens = sum(map(sum, decode_steps))
@@ -180,6 +189,10 @@ def main() -> None:
     rec.add_argument("--num-blocks", type=int, default=80000, help="KV blocks (enough that nothing is preempted)")
     rec.add_argument("--max-model-len", type=int, default=8192)
     rec.add_argument("--scheduling-policy", default="fcfs", choices=SCHEDULING_POLICIES)
+    rec.add_argument("--longest-first-min-running", type=int, default=LONGEST_FIRST_MIN_RUNNING)
+    rec.add_argument("--matmul-costs", help="`matmul_rows.py --output-json` of a GPU: admit as the engine would "
+                     "with the CUDA graphs it keeps there (longest_first rounds up to their sizes)")
+    rec.add_argument("--tflops", type=float, default=None, help="that GPU's bf16 matmul rate (with --matmul-costs)")
     rec.add_argument("--out", required=True)
     rep = commands.add_parser("replay", help="time decode attention over the recorded steps on a GPU")
     rep.add_argument("schedule", help="the file `record` wrote")
@@ -189,6 +202,8 @@ def main() -> None:
     rep.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "int8"), help="auto: bfloat16")
     rep.add_argument("--decode-tiles", help="override the decode kernel's tiles: BLOCK_N,NUM_WARPS,NUM_STAGES")
     args = parser.parse_args()
+    if args.command == "record" and args.matmul_costs and args.tflops is None:
+        parser.error("--matmul-costs needs --tflops")
     record(args) if args.command == "record" else replay(args)
 
 

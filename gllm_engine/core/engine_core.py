@@ -80,7 +80,8 @@ class EngineCore:
         # Async scheduling: one rank feeds a decode its input token from the previous step's samples
         # on the device, so the next step is launched before this one's tokens reach the host.
         feeds = self.executor.feeds_pending_tokens
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache, policy, decode_pending=feeds)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, policy, decode_pending=feeds,
+                                   decode_batch_sizes=self.executor.decode_graph_sizes)
         self.encoder = PlanEncoder()
         self.in_flight: deque[SchedulerOutput] = deque()  # micro-batches submitted, not yet collected
         self.max_in_flight = pp + int(feeds)

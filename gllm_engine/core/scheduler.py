@@ -60,13 +60,14 @@ class Scheduler:
     leaves its sequence a pending token. So the next step can be planned while this one runs:
     a later prefill chunk right away, and a decode of a pending token only when
     `decode_pending` says the runner takes that token from the device (one rank); otherwise it
-    waits for the engine to collect the token. Everything else about batch sizes is the policy's
-    call (`core.throttling`).
+    waits for the engine to collect the token. `decode_batch_sizes` are the sizes the runner pads
+    decode-only steps to (its CUDA graphs), which `longest_first` admits up to (`core.waiting_queue`).
+    Everything else about batch sizes is the policy's call (`core.throttling`).
     """
 
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager,
                  policy: ChunkedPrefillPolicy | TokenThrottlePolicy | None = None, *,
-                 decode_pending: bool = False):
+                 decode_pending: bool = False, decode_batch_sizes: tuple[int, ...] = ()):
         self.config = config
         self.kv_cache = kv_cache
         self.policy = policy or ChunkedPrefillPolicy()
@@ -74,7 +75,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         # A sequence must fit in the whole cache, or preempting everything else would not let it grow.
         self.max_seq_len = min(config.max_model_len, kv_cache.pool.num_blocks * kv_cache.block_size)
-        self.waiting = WaitingQueue(config, self.max_seq_len)
+        self.waiting = WaitingQueue(config, self.max_seq_len, decode_batch_sizes)
         self.num_preemptions = 0
 
     @property

@@ -6,7 +6,9 @@ the most tokens left to generate first, and only as many as it takes to finish a
 the longest one ends. Admitting everything at once instead runs a few hundred compute-bound steps of
 ~1,000 decodes, then a tail of steps so small that they cost little more than streaming the weights;
 leveled, the same tokens fill that tail, where more rows cost little (ShareGPT on an H100:
-benchmarks/RESULTS.md).
+benchmarks/RESULTS.md). Where the runner pads decode steps to CUDA-graph sizes, the leveled count is
+rounded up to the size it would be padded to: those rows are computed anyway, and filled with
+sequences they finish the work in fewer steps.
 
 Under a steady stream of arrivals `longest_first` can keep a short sequence waiting behind later,
 longer ones, which is why it is not the default. Sequences that were preempted go back to the front
@@ -26,13 +28,14 @@ from gllm_engine.core.request import Sequence
 class WaitingQueue:
     """Waiting sequences in admission order, preempted ones first."""
 
-    def __init__(self, config: SchedulerConfig, max_len: int):
+    def __init__(self, config: SchedulerConfig, max_len: int, decode_batch_sizes: tuple[int, ...] = ()):
         if config.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"unknown scheduling policy {config.scheduling_policy!r}")
         self.longest_first = config.scheduling_policy == "longest_first"
         self.max_num_seqs = config.max_num_seqs
         self.min_running = config.longest_first_min_running
         self.max_len = max_len
+        self.decode_batch_sizes = sorted(decode_batch_sizes)
         self._queue: deque[Sequence] = deque()
         self._left: dict[int, int] = {}  # seq_id -> output tokens left; constant while a sequence waits
         self._left_total = 0
@@ -77,7 +80,8 @@ class WaitingQueue:
     def max_running(self, running: list[Sequence]) -> int:
         """How many sequences may run once this step admits: `max_num_seqs`, or under `longest_first` no
         more than the tokens left to generate, running and waiting, over the most any one sequence has
-        left (the fewest steps that can finish them), and never fewer than `min_running`.
+        left (the fewest steps that can finish them), and never fewer than `min_running`; then rounded up
+        to the decode batch size a step of that many would be padded to.
         """
         if not self.longest_first or not self._queue:
             return self.max_num_seqs
@@ -91,7 +95,10 @@ class WaitingQueue:
             left = seq.output_tokens_left(max_len)
             total += left
             longest = max(longest, left)
-        return min(self.max_num_seqs, max(self.min_running, -(-total // max(longest, 1))))
+        leveled = max(self.min_running, -(-total // max(longest, 1)))
+        sizes = self.decode_batch_sizes
+        i = bisect.bisect_left(sizes, leveled)
+        return min(self.max_num_seqs, sizes[i] if i < len(sizes) else leveled)
 
     def _track(self, seq: Sequence) -> int:
         left = seq.output_tokens_left(self.max_len)

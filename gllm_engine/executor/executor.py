@@ -27,6 +27,7 @@ class UniprocExecutor:
         self.runner = ModelRunner(config, show_progress=show_progress)
         self.num_blocks = self.runner.available_num_blocks()
         self.runner.initialize_cache(self.num_blocks)
+        self.decode_graph_sizes = self.runner.decode_graph_sizes
         # Async scheduling: the runner takes a decode's pending input token from the previous step's
         # samples on the device.
         self.runner.feeds_pending_tokens = config.scheduler.async_scheduling
@@ -79,6 +80,7 @@ class MultiprocExecutor:
                 self.procs.stop(timeout=5.0)
                 raise
             self.num_blocks = self.worker.num_blocks
+            self.decode_graph_sizes = self.worker.runner.decode_graph_sizes  # alike on every TP rank
             self.world_size = config.parallel.world_size
             if self.worker.comm.sampling_rank != 0:
                 self._result_thread = threading.Thread(target=self._receive_results, daemon=True,

@@ -103,6 +103,11 @@ class ModelRunner:
                                      self.prefill_block_m, self.device, self.layout.tp)
             self.graphs.capture()
 
+    @property
+    def decode_graph_sizes(self) -> tuple[int, ...]:
+        """The batch sizes decode-only steps are padded to (their CUDA graphs, ascending); empty when eager."""
+        return tuple(self.graphs.decode_sizes) if self.graphs is not None else ()
+
     # ---- KV cache -------------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
         """Bytes one KV block takes over all of this rank's layers, K and V, in the cache dtype (with an

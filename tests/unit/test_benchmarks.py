@@ -211,6 +211,24 @@ def test_step_estimate_charges_measured_matmul_times_attention_elementwise_traff
     assert bounds["all"].estimate_s == pytest.approx(2 * estimate + 2 * 8 / 10.0)
 
 
+def test_decode_replay_records_longest_first_filling_the_rows_of_the_gpu_graphs(tmp_path):
+    lengths = (12, 6, 6, 3, 3, 3)  # 33 tokens over the longest one's 12 steps: 3 at a time
+    requests = tmp_path / "requests.json"
+    requests.write_text(json.dumps([{"prompt_token_ids": [1, 2], "output_len": n} for n in lengths]))
+    costs = tmp_path / "costs.json"  # flat: every capture size is kept (1, 2, 4, 8, ...)
+    costs.write_text(json.dumps({"rows": [16, 1024], "shapes": {k: [8, 8] for k in ("qkv", "o", "gate_up", "down")},
+                                 "us": {k: [1.0, 1.0] for k in ("qkv", "o", "gate_up", "down")}}))
+    first_steps = []
+    for graphs in ([], ["--matmul-costs", str(costs), "--tflops", "1"]):
+        out = tmp_path / "steps.json"
+        subprocess.run([sys.executable, "benchmarks/decode_replay.py", "record", "--requests-file", str(requests),
+                        "--num-blocks", "64", "--max-model-len", "64", "--scheduling-policy", "longest_first",
+                        "--longest-first-min-running", "1", *graphs, "--out", str(out)], check=True, timeout=600)
+        first_steps.append(json.loads(out.read_text())["steps"][0])
+    # leveled: the three longest prefill first; with graphs of 1, 2, 4, ... rows the step pads to 4, so 4 run
+    assert first_steps == [[0, [[0, 2]] * 3], [0, [[0, 2]] * 4]]
+
+
 def test_graph_padding_runs_a_step_at_the_rows_of_the_graph_the_engine_would_replay():
     # a layer's projections are slow at 32 rows: 5 µs against 2 at 48, so the engine pads 17-32 rows to 48
     us = {"qkv": [1.0, 5.0, 2.0, 2.5]} | {name: [0.0] * 4 for name in ("o", "gate_up", "down", "lm_head")}

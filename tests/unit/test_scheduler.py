@@ -14,11 +14,11 @@ from tests.helpers import run_scheduled_step
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
                    max_num_batched_tokens: int = 64, chunked: bool = True, policy: str = "fcfs",
-                   min_running: int = 1) -> Scheduler:
+                   min_running: int = 1, decode_batch_sizes: tuple[int, ...] = ()) -> Scheduler:
     cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           max_model_len=1024, enable_chunked_prefill=chunked, scheduling_policy=policy,
                           longest_first_min_running=min_running)
-    return Scheduler(cfg, KVCacheManager(num_blocks, block_size))
+    return Scheduler(cfg, KVCacheManager(num_blocks, block_size), decode_batch_sizes=decode_batch_sizes)
 
 
 def make_seq(prompt_len: int, rid: str = "r", max_tokens: int = 100):
@@ -253,3 +253,21 @@ def test_longest_first_levels_over_the_most_any_sequence_has_left_preempted_ones
     fcfs = make_scheduler()
     fcfs.add(make_seq(4, "x", 10))
     assert fcfs.waiting.max_running([running]) == 8  # fcfs: max_num_seqs
+
+
+def test_longest_first_fills_the_rows_its_decode_steps_are_padded_to():
+    lengths = {"long": 12, "m1": 6, "m2": 6, "s1": 3, "s2": 3, "s3": 3}  # leveled: 3 at a time
+    graphs = make_scheduler(policy="longest_first", decode_batch_sizes=(1, 2, 4, 8))
+    for rid, n in lengths.items():
+        graphs.add(make_seq(2, rid, n))
+    assert graphs.waiting.max_running([]) == 4  # 3 would run padded to 4
+    steps = run_to_completion(graphs)
+    assert steps[0] == (4, ["long", "m1", "m2", "s1"])
+    assert len(steps) == 12  # still ends with the longest
+    capped = make_scheduler(policy="longest_first", max_num_seqs=3, decode_batch_sizes=(1, 2, 4, 8))
+    beyond = make_scheduler(policy="longest_first", decode_batch_sizes=(1, 2))
+    for sched in (capped, beyond):
+        for rid, n in lengths.items():
+            sched.add(make_seq(2, rid, n))
+    assert capped.waiting.max_running([]) == 3  # never past max_num_seqs
+    assert beyond.waiting.max_running([]) == 3  # past the largest graph: eager, nothing to fill
