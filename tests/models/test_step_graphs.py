@@ -136,6 +136,9 @@ def test_graphs_keep_greedy_tokens_on_gpu(model_dir, monkeypatch):
     def run(enforce_eager):
         llm = LLM(str(model_dir), device="cuda", dtype="float32", skip_tokenizer_init=True, show_progress=False,
                   max_num_seqs=8, max_num_batched_tokens=32, enforce_eager=enforce_eager, num_gpu_blocks_override=256)
+        # the scheduler knows the decode sizes the runner kept (longest_first fills their rows)
+        kept = () if enforce_eager else tuple(llm.engine.executor.runner.graphs.decode_sizes)
+        assert tuple(llm.engine.scheduler.waiting.decode_batch_sizes) == kept
         outs = llm.generate(staggered_prompts(llm.engine.config.model.hf_config.vocab_size), PARAMS)
         return [o.outputs[0].token_ids for o in outs]
 
