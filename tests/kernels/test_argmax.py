@@ -10,6 +10,7 @@ from gllm_engine.kernels import reference, sampling
 
 @pytest.mark.parametrize("vocab", [100, 3 * sampling.ARGMAX_CHUNK + 17])
 @pytest.mark.parametrize("rows", [1, 6])
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # Triton's interpreter on the NaN row
 def test_argmax_matches_torch(rows, vocab, device):
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows + vocab))
     if rows > 1:
