@@ -53,6 +53,8 @@ class RankLayout:
 
 
 class ModelRunner:
+    """One rank's model, KV cache and CUDA graphs: turns each step plan into a forward pass and samples."""
+
     def __init__(self, config: EngineConfig, layout: RankLayout | None = None, *, show_progress: bool = True):
         self.config = config
         self.layout = layout or RankLayout(device=config.device.device)
@@ -60,7 +62,6 @@ class ModelRunner:
         self.dtype = config.model.dtype
         self.cache_dtype = config.cache.dtype_for(self.dtype)
         self.block_size = config.cache.block_size
-        self.pin_memory = self.device.type == "cuda"
         hf = config.model.hf_config
         self.ops = select_ops(self.device, config.device.use_reference_kernels, config.device.attention_backend)
         model_cls = get_model_class(config.model.architecture)
