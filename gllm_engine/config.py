@@ -142,6 +142,8 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class DeviceConfig:
+    """Where the model runs and which kernels it runs with."""
+
     device: torch.device
     enforce_eager: bool = False
     # Force the pure-torch reference kernels even where Triton kernels exist (debugging aid).
@@ -151,6 +153,8 @@ class DeviceConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """Every setting of an engine, resolved and validated: build it with `EngineConfig.create`."""
+
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EngineStats:
+    """A snapshot of the engine's queues, KV cache and token counters (for /metrics and logs)."""
+
     num_running: int
     num_waiting: int
     num_free_blocks: int

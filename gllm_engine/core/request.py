@@ -13,6 +13,8 @@ from gllm_engine.sampling_params import SamplingParams
 
 
 class SeqStatus(enum.Enum):
+    """Where a sequence is in its life."""
+
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"

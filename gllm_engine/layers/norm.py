@@ -9,6 +9,8 @@ from gllm_engine.layers.ops import REFERENCE_OPS, KernelOps
 
 
 class RMSNorm(nn.Module):
+    """RMS normalization, optionally adding the residual first (one fused kernel on a GPU)."""
+
     def __init__(self, hidden_size: int, eps: float = 1e-6, ops: KernelOps = REFERENCE_OPS):
         super().__init__()
         self.eps = eps

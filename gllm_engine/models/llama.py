@@ -47,6 +47,8 @@ def head_dim_of(cfg: Any) -> int:
 
 
 class DecoderAttention(nn.Module):
+    """Self-attention: fused qkv projection, rotary (and Qwen3's q/k norms), paged attention, o projection."""
+
     def __init__(self, cfg: Any, flags: DecoderFlags, max_positions: int, tp: TPLayout, ops: KernelOps):
         super().__init__()
         head_dim = head_dim_of(cfg)
@@ -66,6 +68,8 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
+    """Gated MLP: fused gate-up projection, SiLU-and-mul, down projection."""
+
     def __init__(self, cfg: Any, flags: DecoderFlags, tp: TPLayout, ops: KernelOps):
         super().__init__()
         inter = cfg.intermediate_size
@@ -78,6 +82,8 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer; the residual stream is carried beside the hidden states."""
+
     def __init__(self, cfg: Any, flags: DecoderFlags, max_positions: int, tp: TPLayout, ops: KernelOps):
         super().__init__()
         self.self_attn = DecoderAttention(cfg, flags, max_positions, tp, ops)

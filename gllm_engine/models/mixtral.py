@@ -15,6 +15,8 @@ from gllm_engine.models.qwen_moe import MoeForCausalLM, MoeSpec
 
 
 class MixtralForCausalLM(MoeForCausalLM):
+    """Mixtral: the shared MoE decoder, every layer sparse, top-k weights renormalized, Mixtral's tensor names."""
+
     def __init__(self, hf_config: Any, *, max_positions: int, tp: TPLayout = SINGLE, ops: KernelOps = REFERENCE_OPS,
                  stage: PPStage = WHOLE_MODEL, architecture: str = "MixtralForCausalLM",
                  ep: EPLayout = ALL_EXPERTS):

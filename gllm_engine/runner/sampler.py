@@ -82,6 +82,8 @@ class SamplingBatch:
 
 @dataclass
 class SamplerOutput:
+    """One step's sampled tokens on the host, one per sampling row."""
+
     token_ids: list[int]
     # Per row: (sampled token logprob, its rank, top-N ids, top-N logprobs), when logprobs were asked for.
     logprobs: list[tuple[float, int, list[int], list[float]]] | None = None
