@@ -19,7 +19,8 @@ costs its projections at the measured time per call for its rows (interpolated; 
 row count measured, the larger of that time and the FLOPs at the matmul rate), the LM head for its
 sampling rows, attention as in the bound but with KV read at `--attention-tb-s`, the elementwise
 kernels' traffic (two RMSNorms with the residual, SiLU-and-mul, rotary and the KV-cache store) at the
-copy bandwidth, and `--step-overhead-ms` for what does not scale with the batch. With `--graph-padding`
+copy bandwidth, and `--step-overhead-ms` for what does not scale with the batch; its line gives the
+seconds of each of those parts over the schedule. With `--graph-padding`
 the projections and elementwise kernels run the rows of the CUDA graph the engine would replay (its
 capture sizes for the schedule's `max_num_seqs` and token budget, less those a larger one beats by the
 measured projections, as `runner/cuda_graph.py` drops them by timing its graphs); larger steps, and
@@ -43,6 +44,7 @@ from rich.console import Console
 from rich.table import Table
 
 BUCKETS = ((1, 16), (17, 63), (64, 127), (128, 255), (256, 511), (512, 1024))  # decode batch sizes, inclusive
+ESTIMATE_PARTS = ("projections", "LM head", "attention", "elementwise", "step overhead")
 KV_BYTES = {"auto": 2.0, "fp8": 1.0}  # bytes a cached value (bf16 model); int8 adds a float32 scale per head
 
 
@@ -89,18 +91,23 @@ class Bound:
     tokens: int = 0
     linear_s: float = 0.0
     attention_s: float = 0.0
-    estimate_s: float = 0.0
+    estimate_parts: dict[str, float] = field(default_factory=dict)  # ESTIMATE_PARTS -> seconds
 
     @property
     def seconds(self) -> float:
         return self.linear_s + self.attention_s
+
+    @property
+    def estimate_s(self) -> float:
+        return sum(self.estimate_parts.values())
 
     def add(self, other: Bound) -> None:
         self.steps += other.steps
         self.tokens += other.tokens
         self.linear_s += other.linear_s
         self.attention_s += other.attention_s
-        self.estimate_s += other.estimate_s
+        for part, seconds in other.estimate_parts.items():
+            self.estimate_parts[part] = self.estimate_parts.get(part, 0.0) + seconds
 
 
 def step_bound(seqs: list[list[int]], shapes: DenseShapes, bandwidth: float, flops: float) -> Bound:
@@ -180,16 +187,22 @@ class MeasuredCosts:
         return layers * per_layer * activation_bytes
 
 
+def step_estimate_parts(seqs: list[list[int]], shapes: DenseShapes, costs: MeasuredCosts, bandwidth: float,
+                        flops: float, num_decodes: int | None = None) -> dict[str, float]:
+    """Seconds the engine's kernels would take for one step, per part of `ESTIMATE_PARTS` (`seqs` as in
+    `step_bound`, its first `num_decodes` decodes; default: all), by `costs`."""
+    rows = costs.step_rows(sum(n for _, n in seqs), len(seqs) - (len(seqs) if num_decodes is None else num_decodes))
+    projections = shapes.layers * sum(costs.matmul_s(name, rows, flops) for name in ("qkv", "o", "gate_up", "down"))
+    parts = (projections, costs.matmul_s("lm_head", len(seqs), flops),
+             attention_s(seqs, shapes, costs.attention_bandwidth, flops),
+             rows * costs.elementwise_token_bytes(shapes.layers) / bandwidth, costs.step_overhead_s)
+    return dict(zip(ESTIMATE_PARTS, parts))
+
+
 def step_estimate(seqs: list[list[int]], shapes: DenseShapes, costs: MeasuredCosts, bandwidth: float,
                   flops: float, num_decodes: int | None = None) -> float:
-    """Seconds the engine's kernels would take for one step (`seqs` as in `step_bound`, its first
-    `num_decodes` decodes; default: all), by `costs`."""
-    rows = costs.step_rows(sum(n for _, n in seqs), len(seqs) - (len(seqs) if num_decodes is None else num_decodes))
-    linear = shapes.layers * sum(costs.matmul_s(name, rows, flops) for name in ("qkv", "o", "gate_up", "down"))
-    linear += costs.matmul_s("lm_head", len(seqs), flops)
-    attention = attention_s(seqs, shapes, costs.attention_bandwidth, flops)
-    elementwise = rows * costs.elementwise_token_bytes(shapes.layers) / bandwidth
-    return linear + attention + elementwise + costs.step_overhead_s
+    """Seconds the engine's kernels would take for one step: the sum of `step_estimate_parts`."""
+    return sum(step_estimate_parts(seqs, shapes, costs, bandwidth, flops, num_decodes).values())
 
 
 def decode_bucket(batch: int) -> str:
@@ -210,7 +223,7 @@ def schedule_bound(steps: list[list], shapes: DenseShapes, bandwidth: float, flo
     for num_decodes, seqs in steps:
         bound = step_bound(seqs, shapes, bandwidth, flops)
         if costs:
-            bound.estimate_s = step_estimate(seqs, shapes, costs, bandwidth, flops, num_decodes)
+            bound.estimate_parts = step_estimate_parts(seqs, shapes, costs, bandwidth, flops, num_decodes)
         kind = decode_bucket(len(seqs)) if num_decodes == len(seqs) else "with prefill"
         groups.setdefault(kind, Bound()).add(bound)
         total.add(bound)
@@ -292,7 +305,8 @@ def main() -> None:
                   f"roofline alone: {tokens / compute_only:,.0f} tok/s ({compute_only:.2f} s)")
     if costs:
         console.print(f"estimate from {args.matmul_costs}: {tokens / total.estimate_s:,.0f} total tok/s "
-                      f"({total.estimate_s:.2f} s)")
+                      f"({total.estimate_s:.2f} s: "
+                      + ", ".join(f"{part} {total.estimate_parts[part]:.2f}" for part in ESTIMATE_PARTS) + ")")
     if args.measured_tok_s:
         console.print(f"measured {args.measured_tok_s:,.0f} tok/s: "
                       f"{args.measured_tok_s / (tokens / total.seconds):.0%} of this bound")

@@ -12,7 +12,14 @@ import pytest
 
 from benchmarks.decode_replay import decode_contexts
 from benchmarks.matmul_rows import matmul_bound
-from benchmarks.schedule_roofline import DenseShapes, MeasuredCosts, schedule_bound, step_bound, step_estimate
+from benchmarks.schedule_roofline import (
+    DenseShapes,
+    MeasuredCosts,
+    schedule_bound,
+    step_bound,
+    step_estimate,
+    step_estimate_parts,
+)
 from benchmarks.single_gpu import print_report
 from gllm_engine.runner.cuda_graph import MAX_GRAPH_PREFILLS
 from tests.helpers import make_tiny_model_dir, table_cells
@@ -201,14 +208,18 @@ def test_step_estimate_charges_measured_matmul_times_attention_elementwise_traff
     assert costs.elementwise_token_bytes(layers=2) == 2 * 2 * (64 + 48 + 24)
     # two decodes over 13 context tokens: 4 projections at 2 rows (2 µs each, interpolated) in 2 layers, the
     # LM head at 2 rows, KV bytes at the attention rate, 2 tokens' elementwise bytes at the copy bandwidth
+    parts = step_estimate_parts([[8, 1], [3, 1]], shapes, costs, bandwidth=1e3, flops=1e9)
+    assert parts == pytest.approx({"projections": 2 * 4 * 2e-6, "LM head": 20e-6, "attention": 13 * 8 / 10.0,
+                                   "elementwise": 2 * 544 / 1e3, "step overhead": 0.5})
     estimate = step_estimate([[8, 1], [3, 1]], shapes, costs, bandwidth=1e3, flops=1e9)
-    assert estimate == pytest.approx(2 * 4 * 2e-6 + 20e-6 + 13 * 8 / 10.0 + 2 * 544 / 1e3 + 0.5)
+    assert estimate == pytest.approx(sum(parts.values()))
     # beyond the rows measured: the larger of the last time and the FLOPs at the matmul rate
     assert costs.matmul_s("qkv", 8, flops=1e3) == pytest.approx(2 * 8 * 12 * 8 / 1e3)
     assert costs.matmul_s("qkv", 8, flops=1e12) == pytest.approx(4e-6)
     # a schedule sums its steps' estimates; the next step reads 2 more context tokens
     bounds = schedule_bound([[2, [[8, 1], [3, 1]]], [2, [[9, 1], [4, 1]]]], shapes, 1e3, 1e9, costs)
     assert bounds["all"].estimate_s == pytest.approx(2 * estimate + 2 * 8 / 10.0)
+    assert bounds["all"].estimate_parts["attention"] == pytest.approx(2 * parts["attention"] + 2 * 8 / 10.0)
 
 
 def test_decode_replay_records_longest_first_filling_the_rows_of_the_gpu_graphs(tmp_path):
@@ -276,6 +287,7 @@ def test_schedule_roofline_bounds_every_recorded_step(tmp_path):
         # the kernels of a toy model take microseconds: the estimates are a second a step
         assert estimates == {"with prefill": 1.0, "decode 1-16": 4.0, "all": 5.0}
         assert f"estimate from {costs}" in res.stdout.replace("\n", "")
+        assert "projections" in res.stdout and "step overhead" in res.stdout  # the estimate's parts
 
 
 def test_kv_cache_accuracy_compares_every_run_with_the_first():
