@@ -15,16 +15,16 @@ are the measured ones that `single_gpu.py` prints (a device-to-device copy, a bf
 
 With `--matmul-costs` (what `matmul_rows.py --output-json` measured on that GPU) an estimate joins the
 bound: not a limit but a model of the engine's kernels, to weigh schedules without a GPU. Each step
-costs its projections at the measured time per call for its rows (interpolated; beyond the largest
-row count measured, the larger of that time and the FLOPs at the matmul rate), the LM head for its
-sampling rows, attention as in the bound but with KV read at `--attention-tb-s`, the elementwise
-kernels' traffic (two RMSNorms with the residual, SiLU-and-mul, rotary and the KV-cache store) at the
-copy bandwidth, and `--step-overhead-ms` for what does not scale with the batch; its line gives the
-seconds of each of those parts over the schedule. With `--graph-padding`
-the projections and elementwise kernels run the rows of the CUDA graph the engine would replay (its
-capture sizes for the schedule's `max_num_seqs` and token budget, less those a larger one beats by the
-measured projections, as `runner/cuda_graph.py` drops them by timing its graphs); larger steps, and
-mixed steps of more prefill chunks than a graph holds, run unpadded.
+costs its projections at the measured time per call for its rows (interpolated; beyond the largest row
+count measured, the larger of that time and the FLOPs at the matmul rate), the LM head for its sampling
+rows, attention as in the bound but with KV read at `--attention-tb-s`, the elementwise kernels'
+traffic (two RMSNorms with the residual, SiLU-and-mul, rotary and the KV-cache store) at the copy
+bandwidth, and `--step-overhead-ms` for what does not scale with the batch; its line gives the seconds
+of each of those parts over the schedule. With `--graph-padding` the projections and elementwise
+kernels run the rows of the CUDA graph the engine would replay (its capture sizes for the schedule's
+`max_num_seqs` and token budget, less those a larger one beats by the measured projections, as
+`runner/cuda_graph.py` drops them by timing its graphs); larger steps, and mixed steps of more prefill
+chunks than a graph holds, run unpadded.
 
     python benchmarks/decode_replay.py record --requests-file .gpu/sharegpt1000.json --out schedule.json
     python benchmarks/schedule_roofline.py schedule.json --config benchmarks/configs/llama3-8b \\
