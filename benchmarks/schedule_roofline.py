@@ -155,14 +155,17 @@ class MeasuredCosts:
         out_features, in_features = self.shapes[name]
         return max(us[-1] * 1e-6, 2 * rows * out_features * in_features / flops)
 
+    def layer_s(self, rows: int, flops: float) -> float:
+        """Seconds of one decoder layer's four projections (qkv, o, gate_up, down) at `rows` rows."""
+        return sum(self.matmul_s(name, rows, flops) for name in ("qkv", "o", "gate_up", "down"))
+
     def with_graphs(self, max_num_seqs: int, max_num_batched_tokens: int, flops: float) -> MeasuredCosts:
         """These costs with steps padded to the CUDA graphs an engine of these limits keeps: its capture sizes
         less those `kept_sizes` drops by the measured time of a layer's projections."""
         from gllm_engine.runner.cuda_graph import MAX_GRAPH_TOKENS, capture_sizes, kept_sizes
 
         def kept(sizes: list[int]) -> list[int]:
-            return kept_sizes({s: sum(self.matmul_s(name, s, flops) for name in ("qkv", "o", "gate_up", "down"))
-                               for s in sizes})
+            return kept_sizes({s: self.layer_s(s, flops) for s in sizes})
         mixed_tokens = min(MAX_GRAPH_TOKENS, max_num_batched_tokens)
         sizes = {False: kept(capture_sizes(max_num_seqs))}
         if mixed_tokens >= 16:
@@ -192,17 +195,10 @@ def step_estimate_parts(seqs: list[list[int]], shapes: DenseShapes, costs: Measu
     """Seconds the engine's kernels would take for one step, per part of `ESTIMATE_PARTS` (`seqs` as in
     `step_bound`, its first `num_decodes` decodes; default: all), by `costs`."""
     rows = costs.step_rows(sum(n for _, n in seqs), len(seqs) - (len(seqs) if num_decodes is None else num_decodes))
-    projections = shapes.layers * sum(costs.matmul_s(name, rows, flops) for name in ("qkv", "o", "gate_up", "down"))
-    parts = (projections, costs.matmul_s("lm_head", len(seqs), flops),
+    parts = (shapes.layers * costs.layer_s(rows, flops), costs.matmul_s("lm_head", len(seqs), flops),
              attention_s(seqs, shapes, costs.attention_bandwidth, flops),
              rows * costs.elementwise_token_bytes(shapes.layers) / bandwidth, costs.step_overhead_s)
     return dict(zip(ESTIMATE_PARTS, parts))
-
-
-def step_estimate(seqs: list[list[int]], shapes: DenseShapes, costs: MeasuredCosts, bandwidth: float,
-                  flops: float, num_decodes: int | None = None) -> float:
-    """Seconds the engine's kernels would take for one step: the sum of `step_estimate_parts`."""
-    return sum(step_estimate_parts(seqs, shapes, costs, bandwidth, flops, num_decodes).values())
 
 
 def decode_bucket(batch: int) -> str:
